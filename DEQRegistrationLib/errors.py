@@ -1,0 +1,14 @@
+"""Errors the library raises on purpose.
+
+Every problem a user can cause (bad file, bad geometry, bad values) is an
+``InputError`` with a one-line message; the CLI and the Slicer module print that
+line instead of a traceback.
+"""
+
+
+class DEQRegError(Exception):
+    """Base class of the library's own errors."""
+
+
+class InputError(DEQRegError, ValueError):
+    """The user's input cannot be registered; the message says why, in one line."""
