@@ -1,0 +1,75 @@
+"""The update network: a small VoxelMorph-style U-Net, 2D or 3D.
+
+One definition serves every method (DEQReg, unrolling, RIIR, GraDIRN, one-step
+VoxelMorph) so comparisons differ only in how the network is used.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _conv(ndim: int):
+    return nn.Conv3d if ndim == 3 else nn.Conv2d
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, ndim: int, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv = _conv(ndim)(cin, cout, 3, stride=stride, padding=1)
+
+    def forward(self, x):
+        return F.leaky_relu(self.conv(x), 0.2)
+
+
+class UNet(nn.Module):
+    """Encoder with strided convolutions, decoder with upsampling and skips.
+
+    Input sizes must be divisible by ``2 ** len(enc)`` (``multiple``); the
+    registration pipeline pads to that. The flow head starts near zero, so an
+    untrained residual update is close to the identity map.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, out_channels: int,
+                 enc: Sequence[int] = (16, 32, 32), dec: Sequence[int] = (32, 32, 16), final_init: float = 1e-5):
+        super().__init__()
+        if len(dec) != len(enc):
+            raise ValueError("dec must have one entry per encoder level")
+        self.ndim = ndim
+        self.config = dict(ndim=ndim, in_channels=in_channels, out_channels=out_channels,
+                           enc=list(enc), dec=list(dec), final_init=final_init)
+        self.stem = ConvBlock(ndim, in_channels, enc[0])
+        self.down = nn.ModuleList()
+        prev = enc[0]
+        for c in enc:
+            self.down.append(ConvBlock(ndim, prev, c, stride=2))
+            prev = c
+        skips = [enc[0]] + list(enc[:-1])
+        self.up = nn.ModuleList()
+        for c, skip in zip(dec, reversed(skips)):
+            self.up.append(ConvBlock(ndim, prev + skip, c))
+            prev = c
+        self.head = _conv(ndim)(prev, out_channels, 3, padding=1)
+        nn.init.normal_(self.head.weight, 0.0, final_init)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def multiple(self) -> int:
+        return 2 ** len(self.down)
+
+    def forward(self, x):
+        x = self.stem(x)
+        skips = [x]
+        for d in self.down:
+            x = d(x)
+            skips.append(x)
+        skips.pop()  # the bottleneck is x itself
+        mode = "trilinear" if self.ndim == 3 else "bilinear"
+        for u in self.up:
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[2:], mode=mode, align_corners=False)
+            x = u(torch.cat([x, skip], dim=1))
+        return self.head(x)
