@@ -185,3 +185,28 @@ def test_inputs_never_modified(tmp_path):
     img = io.load_image(p)
     img.data[...] = 0  # mutating the loaded array must not touch the file
     assert file_hash(p) == before
+
+
+def test_slicer_reads_displacement_as_transform(tmp_path):
+    """An independent reader: Slicer's transform storage node loads the file as a grid transform whose
+    FromParent (resampling) direction maps fixed point A p to A (p + u(p)), on an oblique anisotropic grid."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+    if not hasattr(slicer, "vtkMRMLTransformStorageNode"):
+        pytest.skip("this slicer package has no MRML transform storage node")
+    aff = oblique_affine()
+    shape = (10, 9, 8)
+    g = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    u = np.stack([0.3 + 0.05 * g[1], -0.4 + 0.02 * g[0], 0.2 + 0.03 * g[2]]).astype(np.float32)
+    io.save_itk_displacement(io.ras_to_lps(voxel_field_to_physical(u, aff)), aff, tmp_path / "d.nii.gz")
+
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+    storage.SetFileName(str(tmp_path / "d.nii.gz"))
+    assert storage.ReadData(node)
+    tf = node.GetTransformFromParent()
+    vox = np.array([[4.0, 3.0, 2.0], [7.0, 5.0, 6.0], [1.0, 8.0, 3.0]])
+    idx = vox.astype(int)
+    moved = vox + u[:, idx[:, 0], idx[:, 1], idx[:, 2]].T
+    for x, expected in zip(voxel_to_physical_points(vox, aff), voxel_to_physical_points(moved, aff)):
+        np.testing.assert_allclose(tf.TransformPoint(*x), expected, atol=1e-3)

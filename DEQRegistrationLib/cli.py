@@ -1,0 +1,436 @@
+"""Command line: ``deqreg register FIXED MOVING --out DIR`` and ``deqreg demo``.
+
+A thin layer over ``register()``: it reads and checks the files (``io``), runs
+the registration with a progress bar on stderr, computes the evaluation
+metrics and writes every output into a temporary folder beside ``DIR`` that is
+renamed into place only when complete, so an interrupted run leaves nothing
+half-written. Any problem with the user's input ends in one line,
+``deqreg: error: ...``, and exit code 2; never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from .errors import InputError
+from .image import Image
+
+PROG = "deqreg"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.pt"
+EXIT_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``deqreg: error:`` line and exit 2 like every other error."""
+
+    def error(self, message):
+        raise InputError(f"{message} (see '{self.prog} --help')")
+
+
+def default_model_choice() -> str:
+    """'default' once a trained model ships with the package, otherwise 'none' (gradient update)."""
+    return "default" if DEFAULT_MODEL.is_file() else "none"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=PROG, description="Deformable image registration with Deep Equilibrium Models.")
+    sub = parser.add_subparsers(dest="command", metavar="{register,demo}", parser_class=_OneLineParser)
+    sub.required = True
+
+    reg = sub.add_parser("register", help="register MOVING onto FIXED and write the results to a folder",
+                         description="Register MOVING onto FIXED (NIfTI .nii/.nii.gz or .mgz, 2D or 3D).")
+    reg.add_argument("fixed", metavar="FIXED", help="fixed (reference) image")
+    reg.add_argument("moving", metavar="MOVING", help="moving image, resampled into the fixed grid")
+    reg.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
+    reg.add_argument("--fixed-seg", metavar="F", help="label map on the fixed grid (for Dice/HD95)")
+    reg.add_argument("--moving-seg", metavar="M", help="label map on the moving grid (warped alongside)")
+    reg.add_argument("--fixed-landmarks", metavar="F", help="fixed landmarks: voxel CSV, .fcsv or .mrk.json")
+    reg.add_argument("--moving-landmarks", metavar="M", help="moving landmarks, same row order as the fixed ones")
+    _add_common(reg)
+    reg.add_argument("--model", default=None,
+                     help="'none' (no weights, gradient update), 'default' (shipped weights) or a .pt path "
+                          f"(default: {default_model_choice()})")
+    reg.add_argument("--update", choices=("learned", "gradient", "hybrid"), default=None,
+                     help="update rule (default: learned with a model, gradient without)")
+    reg.add_argument("--solver", choices=("anderson", "fixed-point"), default="anderson")
+    reg.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
+                     help="total solver steps over all levels")
+    reg.add_argument("--tol", type=_positive_float, default=None, metavar="X",
+                     help="stop when ||f(z) - z|| / ||z|| falls below X")
+
+    demo = sub.add_parser("demo", help="register real brain templates shipped by nilearn (offline) and plot it",
+                          description="Offline demo on real anatomy: the MNI152 ICBM 2009a template shipped "
+                                      "in the nilearn wheel, under a known smooth deformation.")
+    demo.add_argument("--out", default="deqreg_demo", metavar="DIR", help="output folder (default: deqreg_demo)")
+    _add_common(demo)
+    demo.add_argument("--max-steps", type=_positive_int, default=None, metavar="N", help=argparse.SUPPRESS)
+    return parser
+
+
+def _add_common(p):
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+# --- the job ------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """Everything one registration needs, already loaded and checked."""
+    fixed: Image
+    moving: Image
+    fixed_seg: Optional[np.ndarray] = None
+    moving_seg: Optional[np.ndarray] = None
+    fixed_points: Optional[np.ndarray] = None
+    moving_points: Optional[np.ndarray] = None
+    options: Dict = field(default_factory=dict)
+    inputs: Dict = field(default_factory=dict)
+
+
+def resolve_model(model: Optional[str], update: Optional[str]):
+    """(model argument for register(), update rule), refusing combinations that cannot run."""
+    model = default_model_choice() if model is None else model
+    if model.lower() == "none":
+        update = update or "gradient"
+        if update != "gradient":
+            raise InputError(f"--update {update} needs trained weights; give --model default or --model PATH")
+        return None, update
+    if model == "default":
+        if not DEFAULT_MODEL.is_file():
+            raise InputError(f"no default model is shipped yet ({DEFAULT_MODEL.name} missing); "
+                             "use --model none or --model PATH")
+        return "default", update or "learned"
+    path = Path(model)
+    if not path.is_file():
+        raise InputError(f"model file not found: {path} (use 'none', 'default' or a .pt path)")
+    return str(path), update or "learned"
+
+
+def load_job(args) -> Job:
+    """Read and check every input of ``deqreg register`` before any work starts."""
+    from . import io
+
+    fixed = io.load_image(args.fixed, "fixed image")
+    moving = io.load_image(args.moving, "moving image")
+    io.check_pair(fixed, moving)
+    if bool(args.fixed_seg) != bool(args.moving_seg):
+        raise InputError("give both --fixed-seg and --moving-seg, or neither")
+    if bool(args.fixed_landmarks) != bool(args.moving_landmarks):
+        raise InputError("give both --fixed-landmarks and --moving-landmarks, or neither")
+    job = Job(fixed, moving)
+    if args.fixed_seg:
+        job.fixed_seg = io.load_labels(args.fixed_seg, like=fixed, what="fixed label map").data
+        job.moving_seg = io.load_labels(args.moving_seg, like=moving, what="moving label map").data
+    if args.fixed_landmarks:
+        job.fixed_points = io.load_landmarks(args.fixed_landmarks, fixed, "fixed landmarks")
+        job.moving_points = io.load_landmarks(args.moving_landmarks, moving, "moving landmarks")
+        io.check_landmark_pair(job.fixed_points, job.moving_points)
+    job.inputs = {k: str(Path(v).resolve()) for k, v in
+                  dict(fixed=args.fixed, moving=args.moving, fixed_seg=args.fixed_seg, moving_seg=args.moving_seg,
+                       fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks).items() if v}
+    return job
+
+
+class ProgressBar:
+    """register()'s callback drawn as a tqdm bar on stderr: step, level and residual."""
+
+    def __init__(self, desc="register", file=None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=None, desc=desc, unit="step", file=file or sys.stderr, dynamic_ncols=True,
+                        leave=True, mininterval=0.2)
+
+    def __call__(self, p):
+        if self.bar.total != p.max_steps:
+            self.bar.total = p.max_steps
+        self.bar.update(p.step - self.bar.n)
+        self.bar.set_postfix_str(f"level {p.level + 1}/{p.n_levels} residual {p.residual:.2e}", refresh=False)
+        return None
+
+    def close(self):
+        self.bar.close()
+
+
+def run_register(job: Job, progress: Optional[Callable] = None):
+    """register() with the job's options and labels; returns the RegistrationResult."""
+    from .register import register  # written alongside; imported when first needed
+
+    o = job.options
+    return register(job.fixed, job.moving, update=o["update"], model=o["model"], solver=o["solver"],
+                    max_steps=o["max_steps"], tol=o["tol"], device=o["device"], callback=progress,
+                    moving_labels=job.moving_seg)
+
+
+def identity_resample_labels(labels: np.ndarray, fixed: Image, moving: Image) -> np.ndarray:
+    """Moving labels in the fixed grid without deformation (nearest): the 'before' of Dice."""
+    from scipy import ndimage
+
+    from .geometry import voxel_to_voxel_affine
+
+    A = voxel_to_voxel_affine(fixed.affine, moving.affine, fixed.ndim)
+    n = fixed.ndim
+    return ndimage.affine_transform(labels, A[:n, :n], offset=A[:n, n], output_shape=fixed.shape,
+                                    order=0, mode="constant", cval=0)
+
+
+def compute_metrics(job: Job, result) -> Dict:
+    """The numbers of metrics.json; conventions as in ``metrics`` (Dice over labels in both maps, no 0)."""
+    from . import metrics as M
+
+    jac = np.asarray(result.jacobian)
+    out = {
+        "folding_percent": M.folding_percent(jac),
+        "std_log_jacobian": M.std_log_jacobian(jac),
+        "std_log_jacobian_l2r": M.std_log_jacobian_l2r(jac),
+        "jacobian_min": float(jac.min()),
+        "jacobian_max": float(jac.max()),
+    }
+    out.update(dice_before=None, dice_mean=None, dice_per_label=None, dice_before_per_label=None,
+               hd95=None, hd95_before=None, tre_mm=None, tre_before_mm=None)
+    if job.fixed_seg is not None:
+        labels = M.common_labels(job.fixed_seg, job.moving_seg)
+        before = identity_resample_labels(job.moving_seg, job.fixed, job.moving)
+        after = np.asarray(result.warped_labels)
+        spacing = job.fixed.spacing
+        d_before = M.dice_per_label(job.fixed_seg, before, labels)
+        d_after = M.dice_per_label(job.fixed_seg, after, labels)
+        out.update(
+            labels=[int(v) for v in labels],
+            dice_before=_nanmean(d_before.values()),
+            dice_mean=_nanmean(d_after.values()),
+            dice_per_label={str(k): v for k, v in d_after.items()},
+            dice_before_per_label={str(k): v for k, v in d_before.items()},
+            hd95=M.hd95(job.fixed_seg, after, spacing, labels),
+            hd95_before=M.hd95(job.fixed_seg, before, spacing, labels),
+        )
+    if job.fixed_points is not None:
+        disp = np.asarray(result.displacement)
+        tre = M.target_registration_error(job.fixed_points, job.moving_points, disp,
+                                          job.fixed.affine, job.moving.affine)
+        tre0 = M.target_registration_error(job.fixed_points, job.moving_points, np.zeros_like(disp),
+                                           job.fixed.affine, job.moving.affine)
+        out.update(tre_mm=float(tre.mean()), tre_before_mm=float(tre0.mean()),
+                   tre_median_mm=float(np.median(tre)), tre_per_landmark_mm=[float(v) for v in tre],
+                   n_landmarks=int(len(tre)))
+    out.update(steps=int(result.steps), converged=bool(result.converged),
+               final_residual=float(result.final_residual), seconds=float(result.seconds),
+               device=str(result.device), cancelled=bool(getattr(result, "cancelled", False)))
+    out["conventions"] = {
+        "dice": "per label present in both input label maps, background 0 excluded; dice_mean = nanmean",
+        "dice_before": "fixed labels vs moving labels resampled into the fixed grid with identity (nearest)",
+        "hd95": "mean over labels of the 95th-percentile symmetric surface distance, mm",
+        "folding_percent": "% of fixed-grid voxels with det(Jacobian) <= 0",
+        "std_log_jacobian": "std(log(clip(detJ))) over the interior (2 voxels cropped per side)",
+        "std_log_jacobian_l2r": "Learn2Reg code's variant std(log(detJ + 3))",
+        "tre_mm": "mean landmark distance in mm in the moving image's physical space",
+        "displacement": "displacement.nii.gz: ITK displacement field, LPS mm, fixed grid",
+    }
+    return out
+
+
+def _nanmean(values) -> Optional[float]:
+    vals = np.asarray(list(values), dtype=np.float64)
+    return float(np.nanmean(vals)) if vals.size and not np.all(np.isnan(vals)) else None
+
+
+def _json_safe(obj):
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_outputs(folder: Path, job: Job, result, metrics: Dict) -> None:
+    """Every output file of a run, into ``folder`` (the temporary one)."""
+    from . import io
+
+    fixed = job.fixed
+    warped = result.warped
+    io.save_image(Image(np.asarray(warped.data), fixed.affine), folder / "warped.nii.gz")
+    io.save_itk_displacement(result.displacement_mm(lps=True), fixed.affine, folder / "displacement.nii.gz")
+    jac = np.asarray(result.jacobian, dtype=np.float32)
+    io.save_image(Image(jac, fixed.affine), folder / "jacobian.nii.gz")
+    io.save_labels((jac <= 0).astype(np.uint8), fixed.affine, folder / "folding_mask.nii.gz")
+    if result.warped_labels is not None:
+        io.save_labels(np.asarray(result.warped_labels), fixed.affine, folder / "warped_seg.nii.gz")
+    with open(folder / "convergence.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["step", "level", "residual", "seconds"])
+        for row in result.trace:
+            w.writerow([row["step"], row["level"], f"{row['residual']:.6g}", f"{row['seconds']:.4f}"])
+    doc = dict(metrics)
+    doc["options"] = dict(job.options, model="none" if job.options.get("model") is None else job.options["model"])
+    doc["inputs"] = dict(job.inputs)
+    (folder / "metrics.json").write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
+
+
+def check_out_dir(out: Path, overwrite: bool, inputs=()) -> Path:
+    """Refuse an existing DIR unless --overwrite, and never one that holds the inputs."""
+    out = Path(out).expanduser().absolute()
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise InputError(f"output folder {out} already exists; use --overwrite to replace it")
+        if not out.is_dir() or out.is_symlink():
+            raise InputError(f"{out} exists and is not a folder; refusing to replace it")
+        real = out.resolve()
+        for p in inputs:
+            if p and real in Path(p).resolve().parents:
+                raise InputError(f"refusing to --overwrite {out}: it contains the input {p}")
+        if any(out.iterdir()) and not (out / "metrics.json").is_file():
+            raise InputError(f"refusing to --overwrite {out}: it is not empty and not a deqreg output folder")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise InputError(f"cannot create {out}: {out.parent} is not a folder")
+    return out
+
+
+def publish(out: Path, fill: Callable[[Path], None]) -> None:
+    """Call ``fill(tmp)`` on a fresh folder beside ``out``, then rename it to ``out``.
+
+    On any failure (or Ctrl-C) the temporary folder is removed and an existing
+    ``out`` is left as it was.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    old = None
+    try:
+        fill(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "previous")
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old / "previous", out)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def execute(job: Job, out: Path, desc: str = "register", extra: Optional[Callable] = None):
+    """Register, measure, write: the shared core of ``register`` and ``demo``. Returns (result, metrics)."""
+    bar = ProgressBar(desc)
+    try:
+        result = run_register(job, bar)
+    finally:
+        bar.close()
+    metrics = compute_metrics(job, result)
+
+    def fill(tmp):
+        write_outputs(tmp, job, result, metrics)
+        if extra is not None:
+            extra(tmp, result, metrics)
+
+    publish(out, fill)
+    return result, metrics
+
+
+def summary_line(metrics: Dict) -> str:
+    parts = [f"{metrics['steps']} steps", f"{metrics['seconds']:.1f} s on {metrics['device']}",
+             f"residual {metrics['final_residual']:.2e}" + ("" if metrics["converged"] else " (not converged)")]
+    if metrics.get("dice_mean") is not None:
+        parts.append(f"Dice {metrics['dice_before']:.3f} -> {metrics['dice_mean']:.3f}")
+    if metrics.get("tre_mm") is not None:
+        parts.append(f"TRE {metrics['tre_before_mm']:.2f} -> {metrics['tre_mm']:.2f} mm")
+    parts.append(f"folding {metrics['folding_percent']:.3f}%")
+    return ", ".join(parts)
+
+
+def cmd_register(args) -> int:
+    model, update = resolve_model(args.model, args.update)
+    out = check_out_dir(Path(args.out), args.overwrite,
+                        [args.fixed, args.moving, args.fixed_seg, args.moving_seg,
+                         args.fixed_landmarks, args.moving_landmarks])
+    job = load_job(args)
+    job.options = dict(model=model, update=update, solver=args.solver,
+                       max_steps=args.max_steps, tol=args.tol, device=args.device)
+    _, metrics = execute(job, out)
+    print(f"{PROG}: wrote {out} ({summary_line(metrics)})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    out = check_out_dir(Path(args.out), args.overwrite)
+    run_demo(out, device=args.device, max_steps=args.max_steps)
+    return 0
+
+
+def _fail(message: str, code: int = EXIT_INPUT) -> int:
+    text = " ".join(str(message).split())  # one line, whatever the message held
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    return code
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``deqreg`` console script; returns the exit code."""
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help
+            return int(exc.code or 0)
+        if args.command == "register":
+            return cmd_register(args)
+        return cmd_demo(args)
+    except InputError as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; no output written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        return _fail("out of memory; try --device cpu or smaller images", 1)
+    except OSError as exc:
+        # Disk full, permission denied on the output folder, ...
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return _fail(f"{exc.strerror or exc}{where}", 1)
+    except Exception as exc:  # a bug, not the user's fault: still one line, traceback on request
+        if os.environ.get("DEQREG_DEBUG"):
+            raise
+        return _fail(f"unexpected {type(exc).__name__}: {exc} (set DEQREG_DEBUG=1 for the traceback)", 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Every bad input ends in one ``deqreg: error:`` line, a non-zero exit, no traceback and no output folder."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, blob_labels, blob_volume, write_nifti
+from DEQRegistrationLib.cli import main
+
+
+def _run(capsys, argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def _assert_one_line_error(code, err, out_dir, match):
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("deqreg: error: "), err
+    assert match in lines[0], err
+    assert "Traceback" not in err
+    assert not out_dir.exists()
+    # Nothing half-written beside it either.
+    assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.")]
+
+
+def _make(tmp_path, name, data, affine=None, dtype=None):
+    return write_nifti(tmp_path / name, data, affine, dtype)
+
+
+def _bad_cases(tmp_path, pair3d):
+    """(name, argv tail after 'register', expected message fragment)."""
+    f, m = pair3d["fixed"], pair3d["moving"]
+    vol = blob_volume()
+    cases = {}
+    cases["missing fixed"] = ([tmp_path / "nope.nii.gz", m], "file not found")
+    cases["missing moving"] = ([f, tmp_path / "nope.nii"], "moving image: file not found")
+    (tmp_path / "garbage.nii.gz").write_bytes(b"this is not gzip at all" * 10)
+    cases["corrupt file"] = ([tmp_path / "garbage.nii.gz", m], "cannot read")
+    (tmp_path / "notes.txt").write_text("hello")
+    cases["not an image"] = ([f, tmp_path / "notes.txt"], "not an image file")
+    cases["folder"] = ([tmp_path, m], "is a folder")
+    cases["4D"] = ([_make(tmp_path, "4d.nii.gz", np.stack([vol, vol], -1)), m], "only 2D or 3D")
+    cases["2D vs 3D"] = ([_make(tmp_path, "s.nii.gz", vol[:, :, 12:13]), m], "fixed image is 2D")
+    cases["constant"] = ([f, _make(tmp_path, "c.nii.gz", np.full((24, 24, 24), 3.0, np.float32))], "constant")
+    cases["all zero"] = ([_make(tmp_path, "z.nii.gz", np.zeros((24, 24, 24), np.float32)), m], "constant")
+    nan = vol.copy()
+    nan[3, 4, 5] = np.nan
+    cases["NaN"] = ([f, _make(tmp_path, "nan.nii.gz", nan)], "NaN or infinite")
+    inf = vol.copy()
+    inf[0, 0, 0] = np.inf
+    cases["inf"] = ([_make(tmp_path, "inf.nii.gz", inf), m], "NaN or infinite")
+    cases["single voxel axis"] = ([_make(tmp_path, "thin.nii.gz", vol[:1]), m], "at least 2 voxels")
+    seg = pair3d["fixed_seg"]
+    cases["non-integer labels"] = ([f, m, "--fixed-seg", _make(tmp_path, "fs.nii.gz", vol), "--moving-seg",
+                                   pair3d["moving_seg"]], "non-integer values")
+    cases["label shape"] = ([f, m, "--fixed-seg", _make(tmp_path, "ss.nii.gz", blob_labels(vol)[:20]),
+                            "--moving-seg", pair3d["moving_seg"]], "a label map must be on its image's grid")
+    cases["negative labels"] = ([f, m, "--fixed-seg", seg, "--moving-seg",
+                                _make(tmp_path, "neg.nii.gz", -blob_labels(vol).astype(np.int16))], "negative")
+    cases["one seg only"] = ([f, m, "--fixed-seg", seg], "give both --fixed-seg and --moving-seg")
+    (tmp_path / "a.csv").write_text("1,2,3\n4,5,6\n")
+    (tmp_path / "b.csv").write_text("1,2,3\n")
+    cases["landmark count"] = ([f, m, "--fixed-landmarks", tmp_path / "a.csv", "--moving-landmarks",
+                               tmp_path / "b.csv"], "landmark counts differ")
+    (tmp_path / "w.csv").write_text("1,2\n3,4\n")
+    cases["landmark columns"] = ([f, m, "--fixed-landmarks", tmp_path / "w.csv", "--moving-landmarks",
+                                 tmp_path / "w.csv"], "2 columns but the image is 3D")
+    (tmp_path / "t.csv").write_text("1,2,3\n4,x,6\n")
+    cases["landmark text"] = ([f, m, "--fixed-landmarks", tmp_path / "t.csv", "--moving-landmarks",
+                              tmp_path / "a.csv"], "non-numeric")
+    cases["missing model"] = ([f, m, "--model", tmp_path / "nope.pt"], "model file not found")
+    cases["learned without model"] = ([f, m, "--model", "none", "--update", "learned"], "needs trained weights")
+    cases["bad max steps"] = ([f, m, "--max-steps", "0"], "positive integer")
+    cases["bad tol"] = ([f, m, "--tol", "nan"], "positive number")
+    cases["bad solver"] = ([f, m, "--solver", "newton"], "invalid choice")
+    return cases
+
+
+CASE_NAMES = ["missing fixed", "missing moving", "corrupt file", "not an image", "folder", "4D", "2D vs 3D",
+              "constant", "all zero", "NaN", "inf", "single voxel axis", "non-integer labels", "label shape",
+              "negative labels", "one seg only", "landmark count", "landmark columns", "landmark text",
+              "missing model", "learned without model", "bad max steps", "bad tol", "bad solver"]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bad_input_one_line_error(tmp_path, pair3d, capsys, case):
+    args, match = _bad_cases(tmp_path, pair3d)[case]
+    out = tmp_path / "out"
+    code, err = _run(capsys, ["register", *args, "--out", out])
+    _assert_one_line_error(code, err, out, match)
+
+
+def test_default_model_missing(tmp_path, pair3d, capsys, monkeypatch):
+    import DEQRegistrationLib.cli as cli
+
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "models" / "default.pt")
+    out = tmp_path / "out"
+    code, err = _run(capsys, ["register", pair3d["fixed"], pair3d["moving"], "--model", "default", "--out", out])
+    _assert_one_line_error(code, err, out, "no default model is shipped")
+
+
+def test_missing_subcommand_and_unknown_option(tmp_path, capsys):
+    code, err = _run(capsys, [])
+    assert code == 2 and err.startswith("deqreg: error:") and len(err.strip().splitlines()) == 1
+    code, err = _run(capsys, ["register", "a", "b", "--out", tmp_path / "o", "--frobnicate"])
+    assert code == 2 and "unrecognized arguments: --frobnicate" in err and len(err.strip().splitlines()) == 1
+
+
+def test_inputs_unchanged_by_failed_run(tmp_path, pair3d, capsys):
+    from conftest import file_hash
+
+    nan = blob_volume()
+    nan[1, 1, 1] = np.nan
+    bad = _make(tmp_path, "nan.nii.gz", nan)
+    before = {p: file_hash(p) for p in (pair3d["fixed"], bad)}
+    code, _ = _run(capsys, ["register", pair3d["fixed"], bad, "--out", tmp_path / "o"])
+    assert code == 2
+    assert {p: file_hash(p) for p in before} == before
+
+
+@pytest.mark.parametrize("what", ["missing", "nan", "4d"])
+def test_subprocess_no_traceback(tmp_path, pair3d, what):
+    """The real entry point, in a fresh interpreter: exit 2, one line, no traceback."""
+    vol = blob_volume()
+    if what == "missing":
+        moving = tmp_path / "missing.nii.gz"
+    elif what == "nan":
+        vol[2, 2, 2] = np.nan
+        moving = _make(tmp_path, "nan.nii.gz", vol)
+    else:
+        moving = _make(tmp_path, "4d.nii.gz", np.stack([vol] * 3, -1))
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("DEQREG_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "DEQRegistrationLib.cli", "register", str(pair3d["fixed"]),
+                           str(moving), "--out", str(out)], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("deqreg: error: moving image:")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
