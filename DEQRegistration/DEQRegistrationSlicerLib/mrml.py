@@ -1,0 +1,399 @@
+"""Conversions between MRML nodes and the registration library's arrays.
+
+Slicer stores voxels as (k, j, i) arrays and a volume's geometry as its
+IJKToRAS matrix plus an optional parent transform; the library wants (i, j, k)
+arrays with a 4x4 voxel-to-RAS affine (``DEQRegistrationLib.image.Image``). The
+functions here are the only place the axes are swapped, and they take every
+parent transform into account so a volume is always used where it is *shown*
+in world (RAS) coordinates. Only numpy, vtk and MRML are needed (no Qt, no
+torch), so ``slicer-core`` runs all of it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import vtk
+
+import slicer
+import slicer.util
+
+FOLDING_COLOR_NODE_NAME = "DEQReg folding"
+#: Jacobian-determinant range the folding map's colours span (window/level).
+FOLDING_RANGE = (-1.0, 3.0)
+
+
+# --- matrices ----------------------------------------------------------------------
+
+
+def _matrix_to_array(m: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _array_to_matrix(a) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(a[r][c]))
+    return m
+
+
+def ijk_to_ras(volumeNode) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(m)
+    return _matrix_to_array(m)
+
+
+def world_affine(node):
+    """(affine, nonlinear): IJK to world RAS of a volume, through a linear parent.
+
+    For a non-linear parent transform the affine is the node's own one and
+    ``nonlinear`` is True: the caller must resample (see ``resampled_copy``).
+    """
+    affine = ijk_to_ras(node)
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return affine, False
+    if parent.IsTransformToWorldLinear():
+        m = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(m)
+        return _matrix_to_array(m) @ affine, False
+    return affine, True
+
+
+def resampled_copy_array(volumeNode, scene):
+    """(kji array, IJKToRAS) of a volume after hardening its non-linear parent, on a copy.
+
+    The input node is never modified: the copy lives in the scene only while
+    the transform logic hardens it.
+    """
+    copy = scene.AddNewNodeByClass(volumeNode.GetClassName(), "DEQReg temporary copy")
+    try:
+        image = vtk.vtkImageData()
+        image.DeepCopy(volumeNode.GetImageData())
+        copy.SetIJKToRASMatrix(_array_to_matrix(ijk_to_ras(volumeNode)))
+        copy.SetAndObserveImageData(image)
+        copy.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        slicer.vtkSlicerTransformLogic().hardenTransform(copy)
+        # Hardening can leave a linear part of the chain as a parent.
+        affine, nonlinear = world_affine(copy)
+        if nonlinear:
+            raise RuntimeError("could not harden the parent transform of " + volumeNode.GetName())
+        return np.array(slicer.util.arrayFromVolume(copy)), affine
+    finally:
+        scene.RemoveNode(copy)
+
+
+# --- arrays <-> library images ----------------------------------------------------------
+
+
+def kji_to_library(arr_kji: np.ndarray, affine: np.ndarray):
+    """(data, affine) in the library's convention from a Slicer (k, j, i) array.
+
+    A single-slice volume becomes a 2D (H, W) image; if the singleton axis is
+    not k, the affine's columns are permuted with the data axes so the voxel
+    to RAS mapping is unchanged.
+    """
+    arr_kji = np.asarray(arr_kji)
+    if arr_kji.ndim != 3:
+        raise ValueError(f"expected a scalar volume, got an array of shape {arr_kji.shape}")
+    data = arr_kji.transpose(2, 1, 0)
+    affine = np.array(affine, dtype=np.float64)
+    singleton = [a for a in range(3) if data.shape[a] == 1]
+    if len(singleton) == 1:
+        s = singleton[0]
+        order = [a for a in range(3) if a != s] + [s]
+        data = data.transpose(order)[..., 0]
+        affine[:3, :3] = affine[:3, order]
+    return np.ascontiguousarray(data), affine
+
+
+def library_to_kji(data: np.ndarray) -> np.ndarray:
+    """A Slicer (k, j, i) array from a library (i, j[, k]) array (2D gets k = 1)."""
+    data = np.asarray(data)
+    if data.ndim == 2:
+        data = data[:, :, None]
+    return np.ascontiguousarray(data.transpose(2, 1, 0))
+
+
+def volume_to_library(volumeNode, scene=None):
+    """(data (i, j[, k]) float32 copy, affine to world RAS) of a scalar volume node."""
+    if volumeNode is None or volumeNode.GetImageData() is None:
+        raise ValueError("volume has no image data")
+    affine, nonlinear = world_affine(volumeNode)
+    if nonlinear:
+        arr, affine = resampled_copy_array(volumeNode, scene or volumeNode.GetScene())
+    else:
+        arr = np.array(slicer.util.arrayFromVolume(volumeNode))
+    if arr.ndim != 3:
+        raise ValueError(f"{volumeNode.GetName()} is not a scalar volume (array shape {arr.shape})")
+    return kji_to_library(arr, affine)
+
+
+def resample_labels_nearest(labels: np.ndarray, labels_affine: np.ndarray,
+                            ref_shape, ref_affine: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour resample of a (i, j, k) label array into a reference grid (0 outside)."""
+    ref_shape = tuple(ref_shape)
+    grids = np.meshgrid(*[np.arange(n) for n in ref_shape], indexing="ij")
+    pts = np.stack([g.ravel() for g in grids] + [np.zeros(grids[0].size)] * (3 - len(ref_shape))
+                   + [np.ones(grids[0].size)])
+    to_label = np.linalg.inv(labels_affine) @ ref_affine
+    ijk = np.rint(to_label @ pts)[:3].astype(np.int64)
+    shape3 = labels.shape + (1,) * (3 - labels.ndim)
+    lab3 = labels.reshape(shape3)
+    inside = np.all((ijk >= 0) & (ijk < np.array(shape3)[:, None]), axis=0)
+    out = np.zeros(ijk.shape[1], dtype=labels.dtype)
+    out[inside] = lab3[ijk[0, inside], ijk[1, inside], ijk[2, inside]]
+    return out.reshape(ref_shape)
+
+
+def segment_names(segmentationNode):
+    seg = segmentationNode.GetSegmentation()
+    return [seg.GetNthSegment(n).GetName() for n in range(seg.GetNumberOfSegments())]
+
+
+def segmentation_to_labels(segmentationNode, referenceVolumeNode, name_order, scene):
+    """(labels (i, j[, k]), world affine) of a segmentation exported on a volume's grid.
+
+    Segments get label values by their position in ``name_order`` (1-based),
+    so a fixed and a moving segmentation with the same segment names give
+    comparable labels; segments not in ``name_order`` get values after them.
+    A linear parent transform of the segmentation is folded into the affine.
+    """
+    seg = segmentationNode.GetSegmentation()
+    names = segment_names(segmentationNode)
+    values, extra = {}, len(name_order)
+    for n in names:
+        if n in name_order:
+            values[n] = name_order.index(n) + 1
+        else:
+            extra += 1
+            values[n] = extra
+    labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "DEQReg temporary labels")
+    try:
+        out = None
+        for n in names:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(seg.GetSegmentIdBySegmentName(n))
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentationNode, ids, labelNode, referenceVolumeNode):
+                raise RuntimeError(f"could not export segment {n!r} of {segmentationNode.GetName()}")
+            mask = slicer.util.arrayFromVolume(labelNode)
+            if out is None:
+                out = np.zeros(mask.shape, dtype=np.int32)
+            out[mask > 0] = values[n]
+        affine = ijk_to_ras(labelNode)
+    finally:
+        scene.RemoveNode(labelNode)
+    parent = segmentationNode.GetParentTransformNode()
+    if parent is not None:
+        if not parent.IsTransformToWorldLinear():
+            raise ValueError(f"{segmentationNode.GetName()} has a non-linear transform: harden it first")
+        m = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(m)
+        affine = _matrix_to_array(m) @ affine
+    return kji_to_library(out, affine)
+
+
+def labels_to_library(labelsNode, referenceVolumeNode, reference_shape, reference_affine,
+                      name_order=None, scene=None):
+    """Integer labels (i, j[, k]) on the grid of a reference volume (as given to the library).
+
+    ``labelsNode`` is a label map volume (any grid: resampled with nearest
+    neighbour through both world affines) or a segmentation (exported on the
+    reference volume's grid, segment values by ``name_order``).
+    """
+    scene = scene or labelsNode.GetScene()
+    if labelsNode.IsA("vtkMRMLSegmentationNode"):
+        order = list(name_order) if name_order is not None else segment_names(labelsNode)
+        data, affine = segmentation_to_labels(labelsNode, referenceVolumeNode, order, scene)
+    else:
+        data, affine = volume_to_library(labelsNode, scene)
+    data = np.rint(data).astype(np.int32)
+    if data.shape == tuple(reference_shape) and np.allclose(affine, reference_affine, atol=1e-5):
+        return data
+    return resample_labels_nearest(data, affine, reference_shape, reference_affine)
+
+
+# --- outputs ---------------------------------------------------------------------------
+
+
+def update_volume(volumeNode, data: np.ndarray, affine: np.ndarray):
+    """Write a library array into a volume node in place (fires the node's Modified events)."""
+    volumeNode.SetIJKToRASMatrix(_array_to_matrix(_affine_3d(affine)))
+    slicer.util.updateVolumeFromArray(volumeNode, library_to_kji(data))
+
+
+def _affine_3d(affine) -> np.ndarray:
+    """A non-singular 4x4 affine: a 2D image's unused third column becomes the plane normal."""
+    affine = np.array(affine, dtype=np.float64)
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        n = np.cross(affine[:3, 0], affine[:3, 1])
+        affine[:3, 2] = n / max(np.linalg.norm(n), 1e-12)
+    return affine
+
+
+def _grid_geometry(affine):
+    affine = _affine_3d(affine)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    direction = affine[:3, :3] / spacing
+    return affine[:3, 3].copy(), spacing, direction
+
+
+def update_grid_transform(transformNode, displacement_mm: np.ndarray, affine: np.ndarray):
+    """Set a grid transform node's FromParent displacement field (RAS mm) on a grid.
+
+    ``displacement_mm`` is (*S, 3) on the library grid (i, j[, k]) with the
+    voxel-to-RAS ``affine``. When the node already holds a grid of this
+    geometry the values are written in place and the transform is marked
+    Modified, which makes the node fire TransformModifiedEvent (writing the
+    array alone fires nothing); otherwise a new vtkOrientedGridTransform is set.
+    """
+    disp = np.asarray(displacement_mm, dtype=np.float32)
+    if disp.ndim == 3:
+        disp = disp[:, :, None, :]
+    kji = np.ascontiguousarray(disp.transpose(2, 1, 0, 3))
+    origin, spacing, direction = _grid_geometry(affine)
+    dims = tuple(int(n) for n in disp.shape[:3])
+    transform = transformNode.GetTransformFromParent()
+    grid = transform.GetDisplacementGrid() if isinstance(transform, slicer.vtkOrientedGridTransform) else None
+    if grid is not None and _same_geometry(transform, grid, dims, origin, spacing, direction):
+        arr = slicer.util.arrayFromGridTransform(transformNode)
+        arr[:] = kji
+        grid.GetPointData().GetScalars().Modified()
+        grid.Modified()
+        transform.Modified()
+        return
+    image = vtk.vtkImageData()
+    image.SetOrigin(*origin)
+    image.SetSpacing(*spacing)
+    image.SetDimensions(*dims)
+    image.AllocateScalars(vtk.VTK_FLOAT, 3)
+    from vtk.util import numpy_support
+    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    scalars[:] = kji.reshape(-1, 3)
+    transform = slicer.vtkOrientedGridTransform()
+    transform.SetDisplacementGridData(image)
+    transform.SetGridDirectionMatrix(_array_to_matrix(_homogeneous(direction)))
+    transform.SetInterpolationModeToLinear()
+    transformNode.SetAndObserveTransformFromParent(transform)
+
+
+def _homogeneous(m3):
+    m = np.eye(4)
+    m[:3, :3] = m3
+    return m
+
+
+def _same_geometry(transform, grid, dims, origin, spacing, direction):
+    d = transform.GetGridDirectionMatrix()
+    have_dir = _matrix_to_array(d)[:3, :3] if d is not None else np.eye(3)
+    return (tuple(grid.GetDimensions()) == dims and np.allclose(grid.GetOrigin(), origin)
+            and np.allclose(grid.GetSpacing(), spacing) and np.allclose(have_dir, direction)
+            and grid.GetNumberOfScalarComponents() == 3)
+
+
+def folding_color_node(scene):
+    """The colour table of folding maps (created once per scene).
+
+    Indexed over the Jacobian determinant range ``FOLDING_RANGE``: det <= 0
+    (folded) is opaque bright red; compression (0 < det < 1) blue, expansion
+    (det > 1) yellow, both fading to transparent at det = 1, so the overlay
+    shows only where the transform deforms and folds stand out.
+    """
+    node = scene.GetFirstNodeByName(FOLDING_COLOR_NODE_NAME)
+    if node is not None and node.IsA("vtkMRMLColorTableNode"):
+        return node
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", FOLDING_COLOR_NODE_NAME)
+    node.SetTypeToUser()
+    n = 256
+    node.SetNumberOfColors(n)
+    lo, hi = FOLDING_RANGE
+    for idx in range(n):
+        det = lo + (hi - lo) * idx / (n - 1)
+        if det <= 0:
+            rgba = (1.0, 0.0, 0.0, 1.0)
+        elif det < 1:
+            t = 1.0 - det  # 0 at det=1, 1 at det=0
+            rgba = (0.1, 0.4, 1.0, min(1.0, 0.15 + 0.85 * t))
+        else:
+            t = min(1.0, (det - 1.0) / (hi - 1.0))
+            rgba = (1.0, 0.85, 0.1, min(1.0, 0.15 + 0.85 * t))
+        node.SetColor(idx, f"det {det:.2f}", *rgba)
+    node.SetAttribute("Category", "DEQRegistration")
+    return node
+
+
+def show_folding_colors(foldingNode):
+    """Give a folding-map volume the folding colour table and a fixed window/level."""
+    scene = foldingNode.GetScene()
+    if foldingNode.GetDisplayNode() is None:
+        foldingNode.CreateDefaultDisplayNodes()
+    display = foldingNode.GetDisplayNode()
+    display.SetAndObserveColorNodeID(folding_color_node(scene).GetID())
+    lo, hi = FOLDING_RANGE
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(lo, hi)
+
+
+# --- convergence plot ---------------------------------------------------------------------
+
+
+def _double_column(table, name):
+    arr = table.GetColumnByName(name)
+    if arr is None:
+        arr = vtk.vtkDoubleArray()
+        arr.SetName(name)
+        table.AddColumn(arr)
+    return arr
+
+
+def reset_table(tableNode, columns):
+    """Empty a table node and give it double columns ``columns``."""
+    table = tableNode.GetTable()
+    while table.GetNumberOfColumns():
+        table.RemoveColumn(0)
+    for name in columns:
+        _double_column(table, name)
+    table.Modified()
+    tableNode.Modified()
+
+
+def append_row(tableNode, values: dict):
+    """Append one row (column name -> number) and notify observers (plots redraw)."""
+    table = tableNode.GetTable()
+    for name, value in values.items():
+        _double_column(table, name).InsertNextValue(float(value))
+    table.Modified()
+    tableNode.Modified()
+
+
+def setup_plot(scene, chartNode, traceTable, diceTable=None):
+    """Residual (and Dice) against step in a plot chart, series created or reused."""
+    def series(name, table, ycol, color, marker):
+        ref_role = "DEQReg" + ycol
+        node = chartNode.GetNodeReference(ref_role)
+        if node is None:
+            node = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", name)
+            chartNode.SetNodeReferenceID(ref_role, node.GetID())
+        node.SetAndObserveTableNodeID(table.GetID())
+        node.SetXColumnName("step")
+        node.SetYColumnName(ycol)
+        node.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        node.SetMarkerStyle(marker)
+        node.SetColor(*color)
+        return node
+
+    residual = series("DEQReg residual", traceTable, "residual", (0.1, 0.3, 0.9),
+                      slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+    wanted = [residual.GetID()]
+    if diceTable is not None:
+        dice = series("DEQReg Dice", diceTable, "dice", (0.9, 0.4, 0.1),
+                      slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
+        wanted.append(dice.GetID())
+    chartNode.RemoveAllPlotSeriesNodeIDs()
+    for sid in wanted:
+        chartNode.AddAndObservePlotSeriesNodeID(sid)
+    chartNode.SetTitle("DEQReg convergence")
+    chartNode.SetXAxisTitle("solver step")
+    chartNode.SetYAxisTitle("residual (log)" + (" / mean Dice" if diceTable is not None else ""))
+    chartNode.SetYAxisLogScale(True)
+    return chartNode

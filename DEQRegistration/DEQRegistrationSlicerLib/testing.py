@@ -1,0 +1,81 @@
+"""Synthetic test volumes and RAS checks shared by the pytest suite and the in-Slicer self-test.
+
+Kept in the package (not in Testing/) because the module's
+ScriptedLoadableModuleTest runs inside Slicer, where only installed files exist.
+"""
+from __future__ import annotations
+
+import numpy as np
+import vtk
+
+import slicer
+import slicer.util
+
+from .mrml import _array_to_matrix, ijk_to_ras, world_affine
+
+
+def oblique_affine(spacing=(1.0, 1.0, 1.0), angle_deg=0.0, origin=(0.0, 0.0, 0.0), axis=(0.3, 0.2, 0.93)):
+    """IJKToRAS with a rotation about ``axis`` and anisotropic spacing."""
+    axis = np.asarray(axis, float)
+    axis /= np.linalg.norm(axis)
+    a = np.deg2rad(angle_deg)
+    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    R = np.eye(3) + np.sin(a) * K + (1 - np.cos(a)) * K @ K
+    A = np.eye(4)
+    A[:3, :3] = R @ np.diag(spacing)
+    A[:3, 3] = origin
+    return A
+
+
+def blob_function(centres_ras, sigma=6.0):
+    """Smooth image intensity as a function of RAS points (N, 3)."""
+    centres = np.asarray(centres_ras, float)
+
+    def f(points):
+        d2 = ((points[:, None, :] - centres[None]) ** 2).sum(-1)
+        return np.exp(-d2 / (2 * sigma ** 2)).sum(-1)
+    return f
+
+
+def ras_grid(shape_kji, affine):
+    """RAS coordinates (N, 3) of every voxel of a (k, j, i) array, in C order."""
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape_kji], indexing="ij")
+    ijk1 = np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+    return (np.asarray(affine) @ ijk1)[:3].T
+
+
+def add_sampled_volume(func, shape_kji, affine, name, className="vtkMRMLScalarVolumeNode", dtype=np.float32):
+    """A volume node whose voxels sample ``func`` (of RAS points) on the given grid."""
+    values = func(ras_grid(shape_kji, affine)).reshape(shape_kji).astype(dtype)
+    return slicer.util.addVolumeFromArray(values, affine, name, className)
+
+
+def transform_points_from_parent(transformNode, points):
+    """Map RAS points (N, 3) through a transform node's FromParent (resampling) direction."""
+    t = transformNode.GetTransformFromParent()
+    return np.array([t.TransformPoint(*p) for p in np.asarray(points, float)])
+
+
+def resample_into(volumeNode, refShapeKJI, refAffine):
+    """Sample a volume (with its parent transforms) at the voxel centres of a reference grid.
+
+    World point x of the reference voxel goes through the volume's
+    transform-from-world (parent transforms, linear or not) to the volume's
+    RAS, then through RASToIJK; trilinear with vtkImageReslice would do the
+    same, this is written out so the test checks the geometry independently.
+    """
+    from scipy import ndimage
+    pts = ras_grid(refShapeKJI, refAffine)
+    parent = volumeNode.GetParentTransformNode()
+    if parent is not None:
+        toLocal = vtk.vtkGeneralTransform()
+        parent.GetTransformFromWorld(toLocal)
+        pts = np.array([toLocal.TransformPoint(*p) for p in pts])
+    ijk = (np.linalg.inv(ijk_to_ras(volumeNode)) @ np.c_[pts, np.ones(len(pts))].T)[:3]
+    arr = slicer.util.arrayFromVolume(volumeNode)
+    vals = ndimage.map_coordinates(arr.astype(np.float64), ijk[::-1], order=1, mode="nearest")
+    return vals.reshape(refShapeKJI)
+
+
+__all__ = ["oblique_affine", "blob_function", "ras_grid", "add_sampled_volume",
+           "transform_points_from_parent", "resample_into", "world_affine", "_array_to_matrix"]

@@ -1,0 +1,222 @@
+"""MRML conversions of the Slicer module, on real MRML from the slicer-core wheel (no Slicer app).
+
+Covers axis order and geometry (oblique, anisotropic, 2D, linear and
+non-linear parent transforms), the grid transform's RAS mapping and events,
+label maps and segmentations, the folding colour table, the plot table and
+the parameter node surviving a scene save/load.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(ROOT, "DEQRegistration"), ROOT]
+
+slicer = pytest.importorskip("slicer")
+import slicer.util  # noqa: E402
+import vtk  # noqa: E402
+
+from DEQRegistrationSlicerLib import mrml, testing  # noqa: E402
+from DEQRegistrationSlicerLib.parameters import ParameterNode  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def scene():
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    yield slicer.mrmlScene
+
+
+def test_volume_to_library_oblique_anisotropic():
+    A = testing.oblique_affine((1.5, 0.8, 2.5), 33.0, (10.0, -5.0, 3.0))
+    f = testing.blob_function([[12.0, -2.0, 8.0]], 6.0)
+    node = testing.add_sampled_volume(f, (7, 9, 11), A, "v")
+    data, affine = mrml.volume_to_library(node)
+    assert data.shape == (11, 9, 7)  # (i, j, k) from Slicer's (k, j, i)
+    np.testing.assert_allclose(affine, A)
+    for ijk in [(0, 0, 0), (3, 4, 5), (10, 8, 6)]:
+        ras = (affine @ np.array([*ijk, 1.0]))[:3]
+        assert data[ijk] == pytest.approx(f(ras[None])[0], rel=1e-5)
+
+
+def test_single_slice_becomes_2d_and_round_trips():
+    A = testing.oblique_affine((0.7, 1.2, 3.0), 15.0, (1.0, 2.0, 3.0))
+    arr = np.random.default_rng(0).random((1, 10, 12)).astype(np.float32)
+    node = slicer.util.addVolumeFromArray(arr, A, "slice")
+    data, affine = mrml.volume_to_library(node)
+    assert data.shape == (12, 10)
+    assert data[5, 7] == arr[0, 7, 5]
+    out = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    mrml.update_volume(out, data, affine)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(out), arr)
+    np.testing.assert_allclose(mrml.ijk_to_ras(out), A)
+
+
+def test_singleton_axis_other_than_k_keeps_geometry():
+    A = testing.oblique_affine((1.0, 2.0, 3.0), 10.0)
+    arr = np.random.default_rng(1).random((6, 1, 8)).astype(np.float32)  # j has one voxel
+    data, affine = mrml.kji_to_library(arr, A)
+    assert data.shape == (8, 6)
+    # voxel (i=5, k=4) -> library (5, 4) must sit at the same RAS point
+    np.testing.assert_allclose(affine @ [5, 4, 0, 1], A @ [5, 0, 4, 1])
+    assert data[5, 4] == arr[4, 0, 5]
+
+
+def test_linear_parent_transform_is_folded_into_the_affine():
+    A = testing.oblique_affine((1.0, 1.5, 2.0), 20.0)
+    node = slicer.util.addVolumeFromArray(np.zeros((4, 5, 6), np.float32), A, "v")
+    parent = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    M = testing.oblique_affine((1, 1, 1), 30.0, (5.0, -3.0, 2.0), axis=(0, 0, 1))
+    parent.SetMatrixTransformToParent(mrml._array_to_matrix(M))
+    node.SetAndObserveTransformNodeID(parent.GetID())
+    _, affine = mrml.volume_to_library(node)
+    np.testing.assert_allclose(affine, M @ A, atol=1e-9)
+    np.testing.assert_allclose(mrml.ijk_to_ras(node), A)  # input untouched
+
+
+def test_nonlinear_parent_transform_is_resampled_on_a_copy():
+    A = np.diag([2.0, 2.0, 2.0, 1.0])
+    f = testing.blob_function([[10.0, 10.0, 10.0]], 4.0)
+    node = testing.add_sampled_volume(f, (12, 12, 12), A, "v")
+    before = slicer.util.arrayFromVolume(node).copy()
+    grid = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    disp = np.zeros((12, 12, 12, 3), np.float32)
+    disp[..., 0] = 2.0  # FromParent: world x samples the volume at x + 2 mm
+    mrml.update_grid_transform(grid, disp, A)
+    node.SetAndObserveTransformNodeID(grid.GetID())
+    n_nodes = slicer.mrmlScene.GetNumberOfNodes()
+    data, affine = mrml.volume_to_library(node)
+    assert slicer.mrmlScene.GetNumberOfNodes() == n_nodes  # temporary copy removed
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)
+    assert node.GetTransformNodeID() == grid.GetID()
+    # the blob centre (10,10,10) appears at world (8,10,10) after the transform
+    peak = np.unravel_index(np.argmax(data), data.shape)
+    ras = (affine @ np.array([*peak, 1.0]))[:3]
+    np.testing.assert_allclose(ras, [8.0, 10.0, 10.0], atol=1.01)
+
+
+def test_grid_transform_maps_ras_and_updates_in_place():
+    A = testing.oblique_affine((1.2, 0.9, 2.0), 40.0, (3.0, 4.0, -5.0))
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    shape = (6, 7, 8)
+    disp = np.zeros(shape + (3,), np.float32)
+    disp[..., :] = [1.0, -2.0, 0.5]
+    mrml.update_grid_transform(node, disp, A)
+    x = (A @ np.array([2, 3, 4, 1.0]))[:3]
+    np.testing.assert_allclose(testing.transform_points_from_parent(node, [x])[0] - x, [1.0, -2.0, 0.5], atol=1e-5)
+    # toWorld (the inverse) maps the other way: hardening moves the volume by -d
+    tw = vtk.vtkGeneralTransform()
+    node.GetTransformToWorld(tw)
+    np.testing.assert_allclose(np.array(tw.TransformPoint(*x)) - x, [-1.0, 2.0, -0.5], atol=1e-3)
+
+    events = []
+    node.AddObserver(slicer.vtkMRMLTransformableNode.TransformModifiedEvent, lambda *a: events.append(1))
+    grid_before = node.GetTransformFromParent().GetDisplacementGrid()
+    disp[..., 0] = 3.0
+    mrml.update_grid_transform(node, disp, A)
+    assert node.GetTransformFromParent().GetDisplacementGrid() is grid_before  # written in place
+    assert len(events) >= 1
+    np.testing.assert_allclose(testing.transform_points_from_parent(node, [x])[0] - x, [3.0, -2.0, 0.5], atol=1e-5)
+    # varying field: voxel-exact at grid points, array axes in (k, j, i)
+    disp = np.random.default_rng(2).normal(size=shape + (3,)).astype(np.float32)
+    mrml.update_grid_transform(node, disp, A)
+    for ijk in [(0, 0, 0), (5, 1, 3), (2, 6, 7)]:
+        p = (A @ np.array([*ijk, 1.0]))[:3]
+        np.testing.assert_allclose(testing.transform_points_from_parent(node, [p])[0] - p, disp[ijk], atol=1e-4)
+
+
+def test_labelmap_on_another_grid_is_resampled_nearest():
+    fixedA = np.diag([1.0, 1.0, 1.0, 1.0])
+    vol = slicer.util.addVolumeFromArray(np.zeros((10, 10, 10), np.float32), fixedA, "vol")
+    lab = np.zeros((5, 5, 5), np.int16)
+    lab[1:3, 1:3, 1:3] = 4
+    labA = np.diag([2.0, 2.0, 2.0, 1.0])
+    labNode = slicer.util.addVolumeFromArray(lab, labA, "lab", "vtkMRMLLabelMapVolumeNode")
+    out = mrml.labels_to_library(labNode, vol, (10, 10, 10), fixedA)
+    assert out.shape == (10, 10, 10)
+    assert set(np.unique(out)) == {0, 4}
+    assert out[3, 3, 3] == 4 and out[8, 8, 8] == 0
+
+
+def test_segmentations_get_matching_values_by_name():
+    A = np.diag([1.0, 1.0, 1.0, 1.0])
+    vol = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8), np.float32), A, "vol")
+    segs = []
+    for names in (("a", "b"), ("b", "a")):  # same structures, segments in another order
+        lab = np.zeros((8, 8, 8), np.int16)
+        lab[1:3, 1:3, 1:3] = names.index("a") + 1
+        lab[5:7, 5:7, 5:7] = names.index("b") + 1
+        labNode = slicer.util.addVolumeFromArray(lab, A, "lab", "vtkMRMLLabelMapVolumeNode")
+        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labNode, seg)
+        for n, name in enumerate(names):
+            seg.GetSegmentation().GetNthSegment(n).SetName(name)
+        segs.append(seg)
+    order = mrml.segment_names(segs[0])
+    fixed = mrml.labels_to_library(segs[0], vol, (8, 8, 8), A, order)
+    moving = mrml.labels_to_library(segs[1], vol, (8, 8, 8), A, order)
+    np.testing.assert_array_equal(fixed, moving)
+    assert fixed[1, 1, 1] == 1 and fixed[5, 5, 5] == 2
+
+
+def test_folding_colors_mark_folds():
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    mrml.update_volume(node, np.linspace(-1, 3, 24, dtype=np.float32).reshape(2, 3, 4), np.eye(4))
+    mrml.show_folding_colors(node)
+    color = node.GetDisplayNode().GetColorNode()
+    assert color.GetName() == mrml.FOLDING_COLOR_NODE_NAME
+    assert mrml.folding_color_node(slicer.mrmlScene) is color  # created once per scene
+    rgba = [0.0] * 4
+    color.GetColor(0, rgba)
+    assert rgba == [1.0, 0.0, 0.0, 1.0]  # det <= 0: opaque red
+    color.GetColor(64, rgba)  # det ~ 0.004
+    assert rgba[0] < 0.5 and rgba[2] > 0.5
+    display = node.GetDisplayNode()
+    assert display.GetWindowLevelMin() == pytest.approx(-1.0) and display.GetWindowLevelMax() == pytest.approx(3.0)
+
+
+def test_plot_table_rows_and_series():
+    chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode")
+    trace = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode")
+    dice = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode")
+    mrml.reset_table(trace, ["step", "residual"])
+    mrml.reset_table(dice, ["step", "dice"])
+    for s in range(1, 6):
+        mrml.append_row(trace, {"step": s, "residual": 1.0 / s})
+    mrml.append_row(dice, {"step": 5, "dice": 0.7})
+    mrml.setup_plot(slicer.mrmlScene, chart, trace, dice)
+    mrml.setup_plot(slicer.mrmlScene, chart, trace, dice)  # idempotent: series reused
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+    assert trace.GetNumberOfRows() == 5
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(trace, "residual"), [1, 0.5, 1 / 3, 0.25, 0.2])
+    series = chart.GetNthPlotSeriesNode(0)
+    assert series.GetXColumnName() == "step" and series.GetTableNode() is trace
+
+
+def test_parameter_node_survives_scene_save_and_load(scene):
+    p = ParameterNode.create(scene)
+    vol = slicer.util.addVolumeFromArray(np.zeros((2, 2, 2), np.float32), np.eye(4), "fixedVol")
+    p.set("MaxSteps", 48)
+    p.set("Tolerance", 2.5e-4)
+    p.set("Solver", "fixed-point")
+    p.set("UpdateMode", "hybrid")
+    p.setNode("FixedVolume", vol)
+    with pytest.raises(ValueError):
+        p.set("Solver", "newton")
+    scene.SetSaveToXMLString(1)
+    scene.Commit()
+    xml = scene.GetSceneXMLString()
+
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetLoadFromXMLString(1)
+    loaded.SetSceneXMLString(xml)
+    loaded.Import()
+    node = loaded.GetFirstNodeByClass("vtkMRMLScriptedModuleNode")
+    q = ParameterNode(node)
+    assert q.get("MaxSteps") == 48 and q.get("Tolerance") == pytest.approx(2.5e-4)
+    assert q.get("Solver") == "fixed-point" and q.get("UpdateMode") == "hybrid"
+    assert q.get("RefreshEvery") == 5
+    assert q.getNode("FixedVolume").GetName() == "fixedVol"
+    kw = q.registrationKwargs()
+    assert kw["maxSteps"] == 48 and kw["model"] == "default" and kw["solver"] == "fixed-point"
