@@ -27,6 +27,15 @@ def oblique_affine(spacing=(1.0, 1.0, 1.0), angle_deg=0.0, origin=(0.0, 0.0, 0.0
     return A
 
 
+def centred_affine(shape_kji, spacing=(1.0, 1.0, 1.0), angle_deg=0.0, centre=(0.0, 0.0, 0.0),
+                   axis=(0.3, 0.2, 0.93)):
+    """Like ``oblique_affine``, with the origin chosen so the grid's centre voxel sits at ``centre``."""
+    A = oblique_affine(spacing, angle_deg, (0.0, 0.0, 0.0), axis)
+    mid = (np.array(shape_kji[::-1], float) - 1) / 2
+    A[:3, 3] = np.asarray(centre, float) - A[:3, :3] @ mid
+    return A
+
+
 def blob_function(centres_ras, sigma=6.0):
     """Smooth image intensity as a function of RAS points (N, 3)."""
     centres = np.asarray(centres_ras, float)
@@ -77,5 +86,5 @@ def resample_into(volumeNode, refShapeKJI, refAffine):
     return vals.reshape(refShapeKJI)
 
 
-__all__ = ["oblique_affine", "blob_function", "ras_grid", "add_sampled_volume",
+__all__ = ["oblique_affine", "centred_affine", "blob_function", "ras_grid", "add_sampled_volume",
            "transform_points_from_parent", "resample_into", "world_affine", "_array_to_matrix"]
