@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "in the nilearn wheel, under a known smooth deformation.")
     demo.add_argument("--out", default="deqreg_demo", metavar="DIR", help="output folder (default: deqreg_demo)")
     _add_common(demo)
-    demo.add_argument("--max-steps", type=_positive_int, default=None, metavar="N", help=argparse.SUPPRESS)
+    demo.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
+                      help="total solver steps (default: the demo's budget, about a minute on 2 CPU cores)")
     return parser
 
 
@@ -331,6 +332,9 @@ def publish(out: Path, fill: Callable[[Path], None]) -> None:
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     old = None
     try:
         fill(tmp)
@@ -349,19 +353,27 @@ def publish(out: Path, fill: Callable[[Path], None]) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def execute(job: Job, out: Path, desc: str = "register", extra: Optional[Callable] = None):
-    """Register, measure, write: the shared core of ``register`` and ``demo``. Returns (result, metrics)."""
+def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional[Callable] = None,
+            extra_files: Optional[Callable] = None):
+    """Register, measure, write: the shared core of ``register`` and ``demo``. Returns (result, metrics).
+
+    ``extra_metrics(result) -> dict`` adds entries to metrics.json;
+    ``extra_files(folder, result, metrics)`` writes more files into the
+    temporary folder, so they too appear only with a complete run.
+    """
     bar = ProgressBar(desc)
     try:
         result = run_register(job, bar)
     finally:
         bar.close()
     metrics = compute_metrics(job, result)
+    if extra_metrics is not None:
+        metrics.update(extra_metrics(result))
 
     def fill(tmp):
         write_outputs(tmp, job, result, metrics)
-        if extra is not None:
-            extra(tmp, result, metrics)
+        if extra_files is not None:
+            extra_files(tmp, result, metrics)
 
     publish(out, fill)
     return result, metrics
@@ -395,7 +407,8 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     out = check_out_dir(Path(args.out), args.overwrite)
-    run_demo(out, device=args.device, max_steps=args.max_steps)
+    metrics = run_demo(out, device=args.device, max_steps=args.max_steps)
+    print(f"{PROG}: wrote {out} ({summary_line(metrics)}); see {out / 'demo.png'}")
     return 0
 
 

@@ -210,3 +210,22 @@ def test_oasis2d_end_to_end(shared_data, tmp_path, capsys):
     assert np.isfinite(m["hd95"]) and np.isfinite(m["std_log_jacobian"])
     assert nib.load(str(out / "displacement.nii.gz")).shape == (160, 192, 1, 1, 3)
     assert [file_hash(p) for p in paths] == hashes
+
+
+def test_demo_quick(tmp_path, capsys):
+    """The demo's whole path (nilearn template -> pair -> register -> outputs + PNG) with a tiny step budget."""
+    pytest.importorskip("nilearn", reason="the demo needs nilearn (pip install 'deqreg[demo]')")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--max-steps", "3", "--device", "cpu"]) == 0, capsys.readouterr().err
+    names = {p.name for p in out.iterdir()}
+    assert OUTPUTS | {"demo.png", "inputs"} <= names
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["dice_per_label"]) == {"1", "2", "3"}
+    assert m["dice_before"] < 0.8  # the known deformation really moves the anatomy
+    assert m["demo_true_field_error_before_mm"] > 1.0
+    assert m["demo_true_field_error_mm"] < m["demo_true_field_error_before_mm"]
+    assert m["steps"] == 3
+    fixed = nib.load(str(out / "inputs" / "fixed.nii.gz"))
+    np.testing.assert_allclose(np.linalg.norm(fixed.affine[:3, :3], axis=0), [2, 2, 2])
+    assert _leftovers(out) == []
