@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--tol", type=_positive_float, default=None, metavar="X",
                      help="stop when ||f(z) - z|| / ||z|| falls below X")
 
-    demo = sub.add_parser("demo", help="register real brain templates shipped by nilearn (offline) and plot it",
-                          description="Offline demo on real anatomy: the MNI152 ICBM 2009a template shipped "
-                                      "in the nilearn wheel, under a known smooth deformation.")
+    demo = sub.add_parser("demo", help="offline demo on a real brain template shipped by nilearn, with a plot",
+                          description="Offline demo on real anatomy: the MNI ICBM152 2009a T1 template shipped "
+                                      "in the nilearn wheel, registered to a known smooth deformation of "
+                                      "itself, with tissue labels for Dice.")
     demo.add_argument("--out", default="deqreg_demo", metavar="DIR", help="output folder (default: deqreg_demo)")
     _add_common(demo)
     demo.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
@@ -167,15 +168,21 @@ def load_job(args) -> Job:
 
 
 class ProgressBar:
-    """register()'s callback drawn as a tqdm bar on stderr: step, level and residual."""
+    """register()'s callback drawn as a tqdm bar on stderr: step, level and residual.
+
+    The bar appears at the first step, so an input error raised before any
+    work leaves stderr with just its one line.
+    """
 
     def __init__(self, desc="register", file=None):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=None, desc=desc, unit="step", file=file or sys.stderr, dynamic_ncols=True,
-                        leave=True, mininterval=0.2)
+        self.desc, self.file, self.bar = desc, file, None
 
     def __call__(self, p):
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=p.max_steps, desc=self.desc, unit="step", file=self.file or sys.stderr,
+                            dynamic_ncols=True, leave=True, mininterval=0.2)
         if self.bar.total != p.max_steps:
             self.bar.total = p.max_steps
         self.bar.update(p.step - self.bar.n)
@@ -183,7 +190,8 @@ class ProgressBar:
         return None
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_register(job: Job, progress: Optional[Callable] = None):

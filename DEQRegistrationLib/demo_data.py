@@ -1,13 +1,17 @@
-"""Real anatomy for ``deqreg demo``, offline: the MNI152 ICBM 2009a template shipped in nilearn's wheel.
+"""Real anatomy for ``deqreg demo``, offline: the MNI ICBM152 2009a template shipped in nilearn's wheel.
 
-nilearn installs the symmetric ICBM 2009a T1 template and its grey- and
-white-matter probability maps inside the package (``nilearn/datasets/data``),
-so ``load_mni152_*`` needs no network. The demo pair is that template and the
-same template under a known smooth deformation, with a 3-class tissue label
-map (CSF / GM / WM from the template's own probability maps) warped alongside,
-so Dice before and after, and the error against the known field, mean
-something. Template licence: (c) McConnell Brain Imaging Centre, free use with
-the copyright notice (see nilearn's documentation of the MNI152 templates).
+nilearn installs an ICBM152 2009a T1 template and its grey- and white-matter
+probability maps inside the package (``nilearn/datasets/data/
+mni_icbm152_*_tal_nlin_sym_09a_converted.nii.gz``), so ``load_mni152_*``
+needs no network. The demo pair is that template and the same template under
+a known smooth deformation, with a 3-class tissue label map (CSF / GM / WM
+from the template's own probability maps) warped alongside, so Dice before
+and after, and the error against the known field, mean something.
+
+Licence: nilearn is BSD-3-Clause; the ICBM152 templates are the McConnell
+Brain Imaging Centre's (MNI), distributed under its permissive copyright
+notice. Nothing of them is stored in this repository; the demo reads them from
+the installed nilearn.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import numpy as np
 from .errors import InputError
 from .image import Image
 
-TEMPLATE_NAME = "MNI152 ICBM 2009a symmetric (nilearn)"
+TEMPLATE_NAME = "MNI ICBM152 2009a T1 template (as shipped in nilearn)"
 TISSUES = {1: "CSF", 2: "grey matter", 3: "white matter"}
 
 

@@ -147,3 +147,13 @@ def test_subprocess_no_traceback(tmp_path, pair3d, what):
     assert proc.stderr.strip().startswith("deqreg: error: moving image:")
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_cuda_requested_without_gpu(tmp_path, pair3d, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present, so --device cuda is valid here")
+    out = tmp_path / "out"
+    code, err = _run(capsys, ["register", pair3d["fixed"], pair3d["moving"], "--device", "cuda", "--out", out])
+    _assert_one_line_error(code, err, out, "no CUDA GPU is available")
