@@ -22,16 +22,29 @@ def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
+def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Local mean over a window^ndim box, borders averaged over the valid part.
+
+    Separable (one 1D pass per axis): the same result as a full box pool at a
+    fraction of the cost (3 x 5 instead of 5^3 reads per voxel in 3D).
+    """
+    ndim = x.dim() - 2
+    pool = F.avg_pool3d if ndim == 3 else F.avg_pool2d
+    for axis in range(ndim):
+        k, p = [1] * ndim, [0] * ndim
+        k[axis], p[axis] = window, window // 2
+        x = pool(x, tuple(k), 1, tuple(p), count_include_pad=False)
+    return x
+
+
 def local_ncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: int = 5, eps: float = 1e-5) -> torch.Tensor:
     """Squared local normalised cross-correlation per voxel, in [0, 1].
 
-    Local means come from one box filter over the five stacked moments,
-    so the cost is a single pooling pass.
+    Local means come from one separable box filter over the five stacked
+    moments.
     """
-    ndim = fixed.dim() - 2
-    pool = F.avg_pool3d if ndim == 3 else F.avg_pool2d
     moments = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
-    means = pool(moments, kernel_size=window, stride=1, padding=window // 2, count_include_pad=False)
+    means = box_mean(moments, window)
     c = fixed.shape[1]
     mf, mw, mff, mww, mfw = torch.split(means, c, dim=1)
     cross = mfw - mf * mw

@@ -35,6 +35,9 @@ def sample(image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear",
     in_shape = image.shape[2:]
     scale = torch.tensor([2.0 / max(n - 1, 1) for n in in_shape], dtype=coords.dtype, device=coords.device)
     norm = coords * scale.view(1, -1, *([1] * ndim)) - 1.0
+    # A diverging field must not reach grid_sample as inf/NaN (it can crash);
+    # beyond +-2 every sample is padding anyway.
+    norm = torch.nan_to_num(norm, nan=0.0).clamp(-2.0, 2.0)
     # grid_sample wants (B, *S_out, ndim) with components in reversed axis order.
     grid = norm.movedim(1, -1).flip(-1)
     if image.dtype != grid.dtype:

@@ -1,0 +1,10 @@
+"""DEQRegistrationLib: deformable registration as a fixed point (DEQReg), torch + numpy only.
+
+Never imports ``slicer``; the Slicer module is a thin shell over this package.
+"""
+from .errors import DEQRegError, InputError
+from .image import Image
+from .register import Progress, RegistrationResult, register
+
+__all__ = ["Image", "register", "RegistrationResult", "Progress", "DEQRegError", "InputError"]
+__version__ = "0.1.0"

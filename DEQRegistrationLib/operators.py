@@ -1,0 +1,131 @@
+"""Update operators: z_next = op(z, fixed, moving), all with that one signature.
+
+``z`` is a (B, ndim, *S) voxel-unit field on the working grid; ``fixed`` and
+``moving`` are (B, 1, *S) normalised images on that grid (moving already
+resampled into the fixed grid). The solver only ever sees ``lambda z: op(z, F, M)``,
+so it does not know which operator it runs.
+
+* ``LearnedUpdate``: the paper's DEQReg, z + U(fixed, moving o z, z).
+* ``GradientUpdate``: one preconditioned descent step on LNCC + lambda *
+  diffusion. Its fixed points are the stationary points of that classical
+  objective, so classical optimisation is a fixed-point problem too.
+* ``HybridUpdate``: GraDIRN-style, z - tau * grad(similarity) + U(...).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import losses
+from .transforms import warp
+
+
+def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, *S), per channel; border replicated."""
+    if sigma <= 0:
+        return x
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    ndim = x.dim() - 2
+    C = x.shape[1]
+    conv = F.conv3d if ndim == 3 else F.conv2d
+    for axis in range(ndim):
+        shape = [1] * ndim
+        shape[axis] = k.numel()
+        weight = k.view(1, 1, *shape).repeat(C, 1, *([1] * ndim))
+        pad = [0, 0] * ndim
+        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = radius
+        x = conv(F.pad(x, pad, mode="replicate"), weight, groups=C)
+    return x
+
+
+def similarity_gradient(z, fixed, moving, similarity="lncc", window=5, lam=0.0, create_graph=False):
+    """Gradient w.r.t. the field of sum-reduced similarity + lam * diffusion.
+
+    Sum reduction keeps the per-voxel gradient independent of image size.
+    Works inside ``torch.no_grad()`` (it turns grad on locally).
+    """
+    with torch.enable_grad():
+        zz = z if (create_graph and z.requires_grad) else z.detach().requires_grad_(True)
+        warped = warp(moving, zz)
+        energy = losses.similarity(similarity, fixed, warped, window, reduction="sum")
+        if lam:
+            energy = energy + lam * losses.diffusion_loss(zz, reduction="sum")
+        (grad,) = torch.autograd.grad(energy, zz, create_graph=create_graph)
+    return grad
+
+
+class UpdateOperator(nn.Module):
+    """Base class; subclasses implement ``forward(z, fixed, moving)``."""
+
+    kind = "base"
+
+    def forward(self, z, fixed, moving):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class GradientUpdate(UpdateOperator):
+    """z - step * G_sigma * grad(E(z)), E = LNCC(sum) + lam * diffusion(sum).
+
+    The Gaussian G_sigma preconditions the step (a Sobolev-type gradient), so
+    one step size works across levels and the map contracts near a minimum.
+    No trainable weights.
+    """
+
+    kind = "gradient"
+
+    def __init__(self, step: float = 1.0, lam: float = 1.0, sigma: float = 1.0, window: int = 5,
+                 similarity: str = "lncc"):
+        super().__init__()
+        self.step, self.lam, self.sigma, self.window, self.similarity = step, lam, sigma, window, similarity
+
+    def forward(self, z, fixed, moving):
+        g = similarity_gradient(z, fixed, moving, self.similarity, self.window, self.lam)
+        return z - self.step * gaussian_smooth(g, self.sigma)
+
+
+class LearnedUpdate(UpdateOperator):
+    """DEQReg: z + scale * U(concat(fixed, moving o z, z))."""
+
+    kind = "learned"
+
+    def __init__(self, net: nn.Module, scale: float = 1.0):
+        super().__init__()
+        self.net = net
+        self.scale = scale
+
+    def forward(self, z, fixed, moving):
+        warped = warp(moving, z)
+        return z + self.scale * self.net(torch.cat([fixed, warped, z], dim=1))
+
+
+class HybridUpdate(UpdateOperator):
+    """GraDIRN-style: z - tau * G_sigma * grad(similarity) + U(fixed, moving o z, z).
+
+    The similarity gradient enters as a detached input (no second-order
+    terms); ``tau`` is trainable.
+    """
+
+    kind = "hybrid"
+
+    def __init__(self, net: nn.Module, tau: float = 1.0, sigma: float = 1.0, window: int = 5,
+                 similarity: str = "lncc", scale: float = 1.0):
+        super().__init__()
+        self.net = net
+        self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
+        self.sigma, self.window, self.similarity, self.scale = sigma, window, similarity, scale
+
+    def forward(self, z, fixed, moving):
+        g = gaussian_smooth(similarity_gradient(z, fixed, moving, self.similarity, self.window), self.sigma)
+        warped = warp(moving, z)
+        return z - self.log_tau.exp() * g + self.scale * self.net(torch.cat([fixed, warped, z], dim=1))
+
+
+def field_channels(ndim: int) -> int:
+    """Input channels of the update network: fixed, warped moving, field."""
+    return 2 + ndim
