@@ -295,9 +295,11 @@ def folding_color_node(scene):
     """The colour table of folding maps (created once per scene).
 
     Indexed over the Jacobian determinant range ``FOLDING_RANGE``: det <= 0
-    (folded) is opaque bright red; compression (0 < det < 1) blue, expansion
-    (det > 1) yellow, both fading to transparent at det = 1, so the overlay
-    shows only where the transform deforms and folds stand out.
+    (folded) is bright red; compression (0 < det < 1) ramps to blue and
+    expansion (det > 1) to yellow, both from black at det = 1, so an overlay
+    shows where and how much the transform deforms and folds stand out. Slice
+    views blend scalar overlays by the layer opacity only, so the ramp is in
+    the colours; alpha follows it too for views that use it.
     """
     node = scene.GetFirstNodeByName(FOLDING_COLOR_NODE_NAME)
     if node is not None and node.IsA("vtkMRMLColorTableNode"):
@@ -312,11 +314,11 @@ def folding_color_node(scene):
         if det <= 0:
             rgba = (1.0, 0.0, 0.0, 1.0)
         elif det < 1:
-            t = 1.0 - det  # 0 at det=1, 1 at det=0
-            rgba = (0.1, 0.4, 1.0, min(1.0, 0.15 + 0.85 * t))
+            t = (1.0 - det) ** 0.7  # 0 at det=1, 1 at det=0
+            rgba = (0.1 * t, 0.45 * t, 1.0 * t, min(1.0, 0.15 + 0.85 * t))
         else:
-            t = min(1.0, (det - 1.0) / (hi - 1.0))
-            rgba = (1.0, 0.85, 0.1, min(1.0, 0.15 + 0.85 * t))
+            t = min(1.0, (det - 1.0) / (hi - 1.0)) ** 0.7
+            rgba = (1.0 * t, 0.85 * t, 0.1 * t, min(1.0, 0.15 + 0.85 * t))
         node.SetColor(idx, f"det {det:.2f}", *rgba)
     node.SetAttribute("Category", "DEQRegistration")
     return node
