@@ -368,6 +368,6 @@ class DEQRegistrationTest(ScriptedLoadableModuleTest):
         displacement = slicer.util.arrayFromGridTransform(outputs.transform).reshape(-1, 3)
         weights = slicer.util.arrayFromVolume(fixed).reshape(-1).astype(float)
         mean = (displacement * weights[:, None]).sum(0) / weights.sum()
-        self.assertLess(np.linalg.norm(mean - shift), 0.6, f"mean displacement {mean}")
+        self.assertLess(np.linalg.norm(mean - shift), 0.8, f"mean displacement {mean}")
         self.assertLess(outputs.foldingPercent, 0.1)
         self.delayDisplay("Test passed")
