@@ -1,0 +1,213 @@
+"""Train an update operator: ``python -m Training.train --method deqreg --data synthetic ...``.
+
+One loop for every method (see ``methods``). AdamW, LNCC window 5 +
+diffusion, a tqdm progress bar, a CSV log, and atomic checkpoints
+(``checkpoint.save_checkpoint``) that carry the optimiser, every RNG state
+and the step, so ``--resume`` continues bit-for-bit. Under ``torchrun`` each
+process draws its own pairs and DistributedDataParallel averages gradients.
+
+Examples::
+
+    python -m Training.train --method deqreg --data synthetic --ndim 2 --shape 64 64 --steps 500 --out runs/a
+    torchrun --nproc_per_node 2 -m Training.train --method unroll --data learn2reg --json OASIS_dataset.json ...
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from DEQRegistrationLib.checkpoint import save_checkpoint
+
+from .data import build_source, to_working_grid
+from .methods import METHODS, TrainStep, build_operator, make_config
+
+LAMBDA_DEFAULTS = {"brain": 1.0, "lung": 0.125}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", choices=METHODS, default="deqreg")
+    ap.add_argument("--data", default="synthetic",
+                    help="synthetic | folder | learn2reg | synthetic+folder | synthetic+learn2reg")
+    ap.add_argument("--ndim", type=int, choices=(2, 3), default=2)
+    ap.add_argument("--shape", type=int, nargs="+", default=[64, 64], help="synthetic working-grid shape")
+    ap.add_argument("--max-disp", type=float, default=4.0, help="synthetic deformation amplitude (voxels)")
+    ap.add_argument("--folder", help="folder of NIfTI images (--data folder)")
+    ap.add_argument("--glob", nargs="+", default=["*.nii.gz", "*.nii"], help="image patterns in --folder")
+    ap.add_argument("--json", help="Learn2Reg {name}_dataset.json (--data learn2reg)")
+    ap.add_argument("--mix", type=float, default=0.5, help="probability of the first source when mixing")
+    ap.add_argument("--factor", type=int, default=1, help="working grid = image grid pooled by this (stored in the model)")
+    ap.add_argument("--enc", type=int, nargs="+", default=[16, 32, 32])
+    ap.add_argument("--dec", type=int, nargs="+", default=[32, 32, 16])
+    ap.add_argument("--max-steps", type=int, default=48, help="deqreg: solver budget")
+    ap.add_argument("--n-states", type=int, default=4)
+    ap.add_argument("--phantom-k", type=int, default=5)
+    ap.add_argument("--phantom-damping", type=float, default=0.8)
+    ap.add_argument("--unroll-steps", type=int, default=3, help="unroll/riir: K")
+    ap.add_argument("--repeats", type=int, default=3, help="gradirn: steps per level")
+    ap.add_argument("--solver", default="anderson", choices=["anderson", "fixed-point"])
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--weight-decay", type=float, default=1e-2)
+    ap.add_argument("--lam", type=float, default=None, help="diffusion weight (default from --task)")
+    ap.add_argument("--task", choices=sorted(LAMBDA_DEFAULTS), default="brain")
+    ap.add_argument("--steps", type=int, default=1000, help="total optimiser steps")
+    ap.add_argument("--time-limit", type=float, default=0, help="stop (and save) after this many minutes")
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--out", required=True, help="run folder: last.pt, log.csv")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--save-replicas", action="store_true", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    """Every RNG the loop may touch, as tensors and ints (loadable with weights_only=True)."""
+    return {"torch": torch.get_rng_state(), "data": gen.get_state(),
+            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "numpy_pos": int(np.random.get_state()[2]),
+            "python": list(random.getstate()[1])}
+
+
+def _set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["data"])
+    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.int64).astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+
+
+def _dist_info():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return world, rank
+
+
+def train(args) -> dict:
+    world, rank = _dist_info()
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device if not args.device.startswith("cuda") or not distributed
+                       else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    out = Path(args.out)
+    lam = args.lam if args.lam is not None else LAMBDA_DEFAULTS[args.task]
+    cfg = make_config(args.method, args.ndim, enc=args.enc, dec=args.dec, factor=args.factor,
+                      max_steps=args.max_steps if args.method == "deqreg" else args.unroll_steps,
+                      unroll_steps=args.unroll_steps, repeats=args.repeats,
+                      n_states=args.n_states, phantom_k=args.phantom_k, phantom_damping=args.phantom_damping,
+                      lam=lam, lr=args.lr, data=args.data, solver=args.solver)
+    # every process starts from the same weights; data randomness differs per rank
+    torch.manual_seed(args.seed)
+    op = build_operator(cfg).to(dev)
+    step_module = TrainStep(op, cfg, lam=lam, solver=args.solver).to(dev)
+    opt = torch.optim.AdamW(op.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    torch.manual_seed(args.seed * 1000 + rank)
+    np.random.seed(args.seed * 1000 + rank)
+    random.seed(args.seed * 1000 + rank)
+    start = 0
+    ckpt_path = out / ("last.pt" if rank == 0 else f"last_rank{rank}.pt")
+    if args.resume and (out / "last.pt").is_file():
+        payload = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+        op.load_state_dict(payload["state_dict"])
+        opt.load_state_dict(payload["optimizer"])
+        start = int(payload["step"])
+        rng = payload["rng"][rank] if isinstance(payload["rng"], list) else payload["rng"]
+        _set_rng_state(rng, gen)
+    model = step_module
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(step_module)
+    source = build_source(args.data, ndim=args.ndim, shape=args.shape, folder=args.folder, patterns=args.glob,
+                          json_path=args.json, mix=args.mix, max_disp=args.max_disp)
+    multiple = op.net.multiple * (max(cfg["levels"]) if args.method == "gradirn" else 1)
+    prefactored = getattr(source, "prefactored", False)
+
+    log_path = out / "log.csv"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (args.resume and log_path.is_file()):
+            with open(log_path, "w", newline="") as fh:
+                csv.writer(fh).writerow(["step", "loss", "lncc", "diffusion", "solver_steps", "seconds"])
+
+    def save(step):
+        rngs = [None] * world
+        state = _rng_state(gen)
+        if distributed:
+            dist.all_gather_object(rngs, state)
+        else:
+            rngs = state
+        if rank == 0:
+            save_checkpoint(out / "last.pt", op, cfg, optimizer=opt.state_dict(), rng=rngs, step=step)
+
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.no_progress or rank != 0,
+               desc=args.method, dynamic_ncols=True)
+    done = start
+    for step in bar:
+        sample = source.sample(gen)
+        fixed, moving = (x.to(dev) for x in to_working_grid(sample, args.factor, multiple, prefactored))
+        loss, stats = model(fixed, moving)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        lv = float(loss.detach())
+        opt.step()
+        solver_steps = getattr(step_module, "last_solver_steps", "")
+        if rank == 0:
+            with open(log_path, "a", newline="") as fh:
+                csv.writer(fh).writerow([step + 1, f"{lv:.6f}", f"{stats['lncc']:.6f}",
+                                         f"{stats['diffusion']:.6f}", solver_steps,
+                                         f"{time.perf_counter() - t0:.1f}"])
+            bar.set_postfix(loss=f"{lv:.4f}", lncc=f"{stats['lncc']:.4f}")
+        done = step + 1
+        stop = bool(args.time_limit and time.perf_counter() - t0 > 60 * args.time_limit)
+        if distributed:
+            flag = torch.tensor([float(stop)], device=dev)
+            dist.all_reduce(flag)
+            stop = bool(flag.item())
+        if done % args.save_every == 0 or done == args.steps or stop:
+            save(done)
+        if stop:
+            break
+    bar.close()
+    if args.save_replicas:
+        torch.save(op.state_dict(), out / f"replica_rank{rank}.pt")
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"step": done, "checkpoint": str(out / "last.pt")}
+
+
+def export(src, dst) -> None:
+    """Strip training state (optimiser, RNG) from a checkpoint: the file the library ships."""
+    payload = torch.load(src, map_location="cpu", weights_only=False)
+    op = build_operator(payload["config"])
+    op.load_state_dict(payload["state_dict"])
+    cfg = dict(payload["config"], trained_optimizer_steps=int(payload.get("step", 0)))
+    save_checkpoint(dst, op, cfg)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        export(argv[1], argv[2])
+        return 0
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
