@@ -4,7 +4,7 @@ Never imports ``slicer``; the Slicer module is a thin shell over this package.
 """
 from .errors import DEQRegError, InputError
 from .image import Image
-from .register import Progress, RegistrationResult, register
+from .registration import Progress, RegistrationResult, register
 
 __all__ = ["Image", "register", "RegistrationResult", "Progress", "DEQRegError", "InputError"]
 __version__ = "0.1.0"

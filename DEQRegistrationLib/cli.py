@@ -28,7 +28,6 @@ from .errors import InputError
 from .image import Image
 
 PROG = "deqreg"
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.pt"
 EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -41,8 +40,12 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def default_model_choice() -> str:
-    """'default' once a trained model ships with the package, otherwise 'none' (gradient update)."""
-    return "default" if DEFAULT_MODEL.is_file() else "none"
+    """The model used when --model is not given: 'none' (the weight-free gradient update).
+
+    It is the most accurate mode on a CPU today (see README); the shipped
+    learned models are opt-in with --model default.
+    """
+    return "none"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,8 +126,10 @@ class Job:
     inputs: Dict = field(default_factory=dict)
 
 
-def resolve_model(model: Optional[str], update: Optional[str]):
+def resolve_model(model: Optional[str], update: Optional[str], ndim: int):
     """(model argument for register(), update rule), refusing combinations that cannot run."""
+    from .checkpoint import default_model_path
+
     model = default_model_choice() if model is None else model
     if model.lower() == "none":
         update = update or "gradient"
@@ -132,8 +137,8 @@ def resolve_model(model: Optional[str], update: Optional[str]):
             raise InputError(f"--update {update} needs trained weights; give --model default or --model PATH")
         return None, update
     if model == "default":
-        if not DEFAULT_MODEL.is_file():
-            raise InputError(f"no default model is shipped yet ({DEFAULT_MODEL.name} missing); "
+        if not default_model_path(ndim).is_file():
+            raise InputError(f"no default {ndim}D model is shipped yet ({default_model_path(ndim).name} missing); "
                              "use --model none or --model PATH")
         return "default", update or "learned"
     path = Path(model)
@@ -196,7 +201,7 @@ class ProgressBar:
 
 def run_register(job: Job, progress: Optional[Callable] = None):
     """register() with the job's options and labels; returns the RegistrationResult."""
-    from .register import register  # written alongside; imported when first needed
+    from .registration import register  # imported when first needed: torch is heavy
 
     o = job.options
     return register(job.fixed, job.moving, update=o["update"], model=o["model"], solver=o["solver"],
@@ -399,11 +404,11 @@ def summary_line(metrics: Dict) -> str:
 
 
 def cmd_register(args) -> int:
-    model, update = resolve_model(args.model, args.update)
     out = check_out_dir(Path(args.out), args.overwrite,
                         [args.fixed, args.moving, args.fixed_seg, args.moving_seg,
                          args.fixed_landmarks, args.moving_landmarks])
     job = load_job(args)
+    model, update = resolve_model(args.model, args.update, job.fixed.ndim)
     job.options = dict(model=model, update=update, solver=args.solver,
                        max_steps=args.max_steps, tol=args.tol, device=args.device)
     _, metrics = execute(job, out)

@@ -29,6 +29,10 @@ from .geometry import lps_to_ras, physical_field_to_voxel, physical_to_voxel_poi
 from .image import Image
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
+# Intent 1007 (vector) with LPS components is what ANTs writes and ITK/Slicer
+# read as-is. 1006 (displacement vector) makes ITK's NIfTI reader convert the
+# components from RAS, so LPS data read through it maps points wrongly
+# (checked with Slicer's transform reader in Testing/test_io.py).
 NIFTI_INTENT_VECTOR = 1007
 
 

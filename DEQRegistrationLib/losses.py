@@ -31,8 +31,10 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     ndim = x.dim() - 2
     pool = F.avg_pool3d if ndim == 3 else F.avg_pool2d
     for axis in range(ndim):
+        n = x.shape[2 + axis]
+        w = min(window, n if n % 2 else n - 1)  # tiny coarse levels: the largest odd window that fits
         k, p = [1] * ndim, [0] * ndim
-        k[axis], p[axis] = window, window // 2
+        k[axis], p[axis] = w, w // 2
         x = pool(x, tuple(k), 1, tuple(p), count_include_pad=False)
     return x
 

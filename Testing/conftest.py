@@ -43,8 +43,11 @@ def oblique_affine(spacing=(1.2, 0.9, 2.0), angles=(0.3, -0.2, 0.5), origin=(-20
 def blob_volume(shape=(24, 24, 24), centre_shift=(0.0, 0.0, 0.0), radius=6.0) -> np.ndarray:
     """A smooth bright ellipsoid on a dark background (something worth registering)."""
     grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
-    r2 = sum(((g - (n - 1) / 2 - s) / radius) ** 2 for g, n, s in zip(grids, shape, centre_shift))
-    return (np.exp(-r2) + 0.05 * grids[0] / shape[0]).astype(np.float32)
+    local = [g - (n - 1) / 2 - s for g, n, s in zip(grids, shape, centre_shift)]
+    r2 = sum((x / radius) ** 2 for x in local)
+    # texture that moves with the blob: LNCC (contrast-invariant) needs structure, a lone blob is ill-posed
+    texture = np.prod([np.sin(0.9 * x + k) for k, x in enumerate(local)], axis=0)
+    return (np.exp(-r2) * (1 + 0.3 * texture) + 0.05 * grids[0] / shape[0]).astype(np.float32)
 
 
 def blob_labels(vol: np.ndarray) -> np.ndarray:

@@ -98,12 +98,12 @@ def test_bad_input_one_line_error(tmp_path, pair3d, capsys, case):
 
 
 def test_default_model_missing(tmp_path, pair3d, capsys, monkeypatch):
-    import DEQRegistrationLib.cli as cli
+    import DEQRegistrationLib.checkpoint as checkpoint
 
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "models" / "default.pt")
+    monkeypatch.setattr(checkpoint, "MODELS_DIR", tmp_path / "models")
     out = tmp_path / "out"
     code, err = _run(capsys, ["register", pair3d["fixed"], pair3d["moving"], "--model", "default", "--out", out])
-    _assert_one_line_error(code, err, out, "no default model is shipped")
+    _assert_one_line_error(code, err, out, "no default 3D model is shipped")
 
 
 def test_missing_subcommand_and_unknown_option(tmp_path, capsys):

@@ -286,8 +286,7 @@ def test_single_slice_volumes_register_in_2d():
 
 def test_gpu_request_without_gpu_and_out_of_memory_fall_back_to_cpu(monkeypatch):
     import torch
-    import DEQRegistrationLib.register  # noqa: F401  (the package re-exports a function of that name)
-    core = sys.modules["DEQRegistrationLib.register"]
+    import DEQRegistrationLib.registration as core
     slicer.mrmlScene = slicer.vtkMRMLScene()
     fixed, moving = make_pair()
     real = core.register

@@ -3,7 +3,7 @@
 ``RegistrationLogic.register`` is what the module's Register button and
 scripted users call. It never modifies an input node, creates or reuses the
 output nodes, updates them in place every ``refreshEvery`` solver steps
-while ``DEQRegistrationLib.register`` runs, and finally writes exactly the
+while ``DEQRegistrationLib.register()`` runs, and finally writes exactly the
 library's result into them. GUI responsiveness comes from ``processEvents``,
 called once per solver step; it is injected (``slicer.app.processEvents`` in
 Slicer) so that this file needs no Qt and tests can count the calls.
@@ -132,7 +132,7 @@ class RegistrationLogic:
 
         # Heavy imports only now (never at module load).
         from DEQRegistrationLib.image import Image
-        from DEQRegistrationLib.register import register as deq_register
+        from DEQRegistrationLib.registration import register as deq_register
         from DEQRegistrationLib import metrics
 
         fixed = Image(fixed_data.astype(np.float32, copy=False), fixed_affine)
@@ -218,7 +218,7 @@ class RegistrationLogic:
             messages.append("No CUDA GPU available: running on CPU.")
             device = "cpu"
         try:
-            result = deq_register(fixed, moving, device=device, **kwargs)
+            result = deq_register(fixed, moving, device=device, cpu_fallback=False, **kwargs)
         except Exception as exc:  # noqa: BLE001 - only OOM is retried, the rest re-raised
             if device == "cpu" or not _is_out_of_memory(exc):
                 raise
@@ -231,7 +231,7 @@ class RegistrationLogic:
                 mrml.reset_table(diceTable, ["step", "dice"])
                 mrml.append_row(diceTable, {"step": 0, "dice": initialDice})
             device = "cpu"
-            result = deq_register(fixed, moving, device=device, **kwargs)
+            result = deq_register(fixed, moving, device=device, cpu_fallback=False, **kwargs)
         return result, getattr(result, "device", device)
 
     def _tables(self, chartNode, with_dice):
