@@ -200,13 +200,16 @@ def test_evaluate_writes_tables_and_convergence(tmp_path):
     cfg = make_config("unroll", 2, enc=(4, 4, 4), dec=(4, 4, 4), unroll_steps=2)
     from DEQRegistrationLib.checkpoint import save_checkpoint
     save_checkpoint(model, build_operator(cfg), cfg)
+    hybrid = tmp_path / "gd.pt"
+    gcfg = make_config("gradirn", 2, enc=(4, 4, 4), dec=(4, 4, 4), levels=(2, 1), repeats=1)
+    save_checkpoint(hybrid, build_operator(gcfg), gcfg)
     out = tmp_path / "eval"
-    evaluate.main(["table", "--models", "gradient", str(model), "--json", str(js), "--out", str(out),
+    evaluate.main(["table", "--models", "gradient", str(model), str(hybrid), "--json", str(js), "--out", str(out),
                    "--max-steps", "4", "--memory-shape", "16", "16"])
     md = (out / "table.md").read_text()
-    assert "gradient" in md and "unroll" in md and (out / "table.csv").is_file()
+    assert "gradient" in md and "unroll" in md and "gradirn" in md and (out / "table.csv").is_file()
     rows = (out / "table.csv").read_text().splitlines()
-    assert len(rows) == 3
+    assert len(rows) == 4
     evaluate.main(["convergence", "--models", str(model), "--json", str(js), "--out", str(out),
                    "--multipliers", "0.5", "1", "2"])
     assert (out / "convergence.png").stat().st_size > 1000
