@@ -65,6 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--out", required=True, help="run folder: last.pt, log.csv")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    ap.add_argument("--init", help="start from this checkpoint's weights (same U-Net), e.g. an unrolled model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")
     ap.add_argument("--device", default="cpu")
@@ -113,6 +114,9 @@ def train(args) -> dict:
     # every process starts from the same weights; data randomness differs per rank
     torch.manual_seed(args.seed)
     op = build_operator(cfg).to(dev)
+    if args.init:
+        op.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=False)["state_dict"])
+        cfg["init"] = str(args.init)
     step_module = TrainStep(op, cfg, lam=lam, solver=args.solver).to(dev)
     opt = torch.optim.AdamW(op.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
