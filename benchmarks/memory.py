@@ -5,7 +5,10 @@ cannot hide another's peak. On CPU the figure is the step's peak resident
 memory above the process's resident memory just before the step (the model,
 data and torch itself excluded); on CUDA it is max_memory_allocated during the
 step. Same network, same volume, same loss; only the gradient method and the
-number of solver steps K differ.
+number of solver steps K differ. Methods: ``deq`` (phantom gradients, 4
+states x 5 steps), ``bptt`` (vanilla unrolling, Training's ``unroll``, loss on
+4 states) and ``riir`` (unrolled, every state in the loss with exponentially
+increasing weights).
 
     python benchmarks/memory.py            # table
     python benchmarks/memory.py --json     # the same rows as JSON
@@ -34,7 +37,7 @@ def worker(method: str, steps: int, size: int, device: str) -> dict:
     import torch
 
     from DEQRegistrationLib import losses
-    from DEQRegistrationLib.deq import DEQ, equal_interval_steps, unroll
+    from DEQRegistrationLib.deq import DEQ, equal_interval_steps, state_weights, unroll
     from DEQRegistrationLib.networks import UNet
     from DEQRegistrationLib.operators import LearnedUpdate
     from DEQRegistrationLib.transforms import warp
@@ -51,11 +54,12 @@ def worker(method: str, steps: int, size: int, device: str) -> dict:
     def f(z):
         return op(z, fixed, moving)
 
-    def loss_of(states):
+    def loss_of(states, weights=None):
+        weights = state_weights(len(states)) if weights is None else weights
         total = 0.0
-        for z in states:
-            total = total + losses.lncc_loss(fixed, warp(moving, z)) + losses.diffusion_loss(z)
-        return total / len(states)
+        for w, z in zip(weights, states):
+            total = total + w * (losses.lncc_loss(fixed, warp(moving, z)) + losses.diffusion_loss(z))
+        return total
 
     # Warm-up: one update with a graph and its backward, so torch's lazy
     # initialisation (thread pools, kernel caches) is not counted as the step's.
@@ -67,11 +71,15 @@ def worker(method: str, steps: int, size: int, device: str) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_mb()
+    weights = None
     if method == "deq":
         states = DEQ(solver="fixed-point", max_steps=steps, tol=0.0, n_states=4, phantom_k=5, phantom_damping=0.8)(f, z0).states
-    else:
+    elif method == "bptt":  # vanilla unrolling, the intermediate-state loss on 4 states
         states = unroll(f, z0, steps, keep=equal_interval_steps(steps, 4))
-    loss_of(states).backward()
+    else:  # riir: every state in the loss, exponentially increasing weights
+        states = unroll(f, z0, steps, keep=list(range(1, steps + 1)))
+        weights = state_weights(steps, "exponential")
+    loss_of(states, weights).backward()
     if dev.type == "cuda":
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
@@ -84,7 +92,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print rows as JSON")
     ap.add_argument("--steps", type=int, nargs="+", default=[6, 12, 24, 48])
-    ap.add_argument("--methods", nargs="+", default=["deq", "bptt"], choices=["deq", "bptt"])
+    ap.add_argument("--methods", nargs="+", default=["deq", "bptt", "riir"], choices=["deq", "bptt", "riir"],
+                    help="deq: phantom gradients; bptt: vanilla unrolling (Training's 'unroll'); riir: unrolled, all states")
     ap.add_argument("--size", type=int, default=48, help="cubic volume size (multiple of 8)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "STEPS"), help=argparse.SUPPRESS)
