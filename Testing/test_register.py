@@ -5,7 +5,7 @@ import pytest
 from DEQRegistrationLib import Image, InputError, register
 from DEQRegistrationLib.geometry import voxel_to_physical_points
 
-from test_transforms import oblique_affine
+from conftest import oblique_affine
 
 
 def blobs(points_ras, centres, widths):

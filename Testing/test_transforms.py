@@ -4,19 +4,9 @@ import pytest
 import torch
 
 from DEQRegistrationLib import geometry
+from conftest import oblique_affine
 from DEQRegistrationLib.transforms import (compose, downsample_field, downsample_image, identity_grid,
                                            upsample_field, warp)
-
-
-def oblique_affine(spacing=(1.5, 1.0, 2.5), angles=(0.3, -0.2, 0.5), origin=(10.0, -20.0, 5.0)):
-    a, b, c = angles
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    A = np.eye(4)
-    A[:3, :3] = rx @ ry @ rz @ np.diag(spacing)
-    A[:3, 3] = origin
-    return A
 
 
 @pytest.mark.parametrize("shape", [(9, 11, 13), (17, 10)])
