@@ -99,8 +99,3 @@ def voxel_to_voxel_affine(fixed_affine: np.ndarray, moving_affine: np.ndarray, n
     full = np.linalg.inv(np.asarray(moving_affine, dtype=np.float64)) @ np.asarray(fixed_affine, dtype=np.float64)
     keep = list(range(ndim)) + [3]
     return full[np.ix_(keep, keep)]
-
-
-def spacing_of(affine: np.ndarray, ndim: int) -> np.ndarray:
-    """Voxel size in mm along each array axis."""
-    return np.linalg.norm(_linear(affine, ndim), axis=0)

@@ -19,7 +19,7 @@ import torch
 from . import metrics
 from .checkpoint import load_operator
 from .errors import InputError
-from .geometry import ras_to_lps, voxel_field_to_physical
+from .geometry import ras_to_lps, voxel_field_to_physical, voxel_to_voxel_affine
 from .image import Image
 from .operators import GradientUpdate, UpdateOperator
 from .preprocess import check_pair, fixed_to_moving_matrix, normalize_intensity, pad_to_multiple, to_tensor
@@ -116,7 +116,7 @@ class RegistrationResult:
         data = np.asarray(data)
         if data.shape != self._moving_shape:
             raise InputError(f"array shape {data.shape} does not match the moving image {self._moving_shape}")
-        A = fixed_to_moving_from_affines(self.fixed_affine, self.moving_affine, self.displacement.shape[0])
+        A = voxel_to_voxel_affine(self.fixed_affine, self.moving_affine, self.displacement.shape[0])
         disp = torch.as_tensor(self.displacement)[None]
         with torch.no_grad():
             out = warp(to_tensor(data, "cpu"), disp, mode="nearest" if order == 0 else "bilinear",
@@ -128,11 +128,6 @@ class RegistrationResult:
 
     def warp_labels(self, labels: np.ndarray) -> np.ndarray:
         return self._apply(labels, 0)
-
-
-def fixed_to_moving_from_affines(fixed_affine, moving_affine, ndim):
-    from .geometry import voxel_to_voxel_affine
-    return voxel_to_voxel_affine(fixed_affine, moving_affine, ndim)
 
 
 def _make_operator(update: str, model, shape: tuple, options: dict):
