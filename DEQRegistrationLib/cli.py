@@ -211,14 +211,9 @@ def run_register(job: Job, progress: Optional[Callable] = None):
 
 def identity_resample_labels(labels: np.ndarray, fixed: Image, moving: Image) -> np.ndarray:
     """Moving labels in the fixed grid without deformation (nearest): the 'before' of Dice."""
-    from scipy import ndimage
+    from .preprocess import resample_into
 
-    from .geometry import voxel_to_voxel_affine
-
-    A = voxel_to_voxel_affine(fixed.affine, moving.affine, fixed.ndim)
-    n = fixed.ndim
-    return ndimage.affine_transform(labels, A[:n, :n], offset=A[:n, n], output_shape=fixed.shape,
-                                    order=0, mode="constant", cval=0)
+    return resample_into(Image(labels, moving.affine), fixed, order=0)
 
 
 def compute_metrics(job: Job, result) -> Dict:
