@@ -4,8 +4,10 @@ A checkpoint is a ``torch.save`` dict loaded with ``weights_only=True``:
 ``{"format": "deqreg", "version": 1, "config": {...}, "state_dict": {...}}``.
 ``config`` holds everything needed to rebuild and run the operator:
 ``update`` (learned|hybrid), ``unet`` (UNet kwargs), ``ndim``, ``factor`` (the
-working grid is the fixed grid downsampled by this), ``max_steps`` and ``tol``
-(inference defaults), ``scale``, ``window``, plus free-form training facts.
+working grid is the fixed grid downsampled by this) or ``factors`` (a
+coarse-to-fine pyramid of such grids, ``level_weights`` splitting the step
+budget), ``max_steps`` and ``tol`` (inference defaults), ``scale``,
+``window``, hybrid ``tau``/``sigma``/``op_lam``, plus free-form training facts.
 Training may add ``optimizer``/``rng``/``step`` for exact resume; inference
 ignores them.
 """
@@ -36,7 +38,8 @@ def build_operator(config: dict) -> UpdateOperator:
         return LearnedUpdate(net, scale=config.get("scale", 1.0))
     if kind == "hybrid":
         return HybridUpdate(net, tau=config.get("tau", 1.0), sigma=config.get("sigma", 1.0),
-                            window=config.get("window", 5), scale=config.get("scale", 1.0))
+                            window=config.get("window", 5), scale=config.get("scale", 1.0),
+                            lam=config.get("op_lam", 0.0))
     raise InputError(f"checkpoint has unknown update kind {kind!r}")
 
 

@@ -140,11 +140,18 @@ def resolve_model(model: Optional[str], update: Optional[str], ndim: int):
         if not default_model_path(ndim).is_file():
             raise InputError(f"no default {ndim}D model is shipped yet ({default_model_path(ndim).name} missing); "
                              "use --model none or --model PATH")
-        return "default", update or "learned"
+        return "default", update or _model_update(default_model_path(ndim))
     path = Path(model)
     if not path.is_file():
         raise InputError(f"model file not found: {path} (use 'none', 'default' or a .pt path)")
-    return str(path), update or "learned"
+    return str(path), update or _model_update(path)
+
+
+def _model_update(path) -> str:
+    """The update rule a checkpoint was trained with (learned or hybrid)."""
+    from .checkpoint import read_checkpoint
+
+    return read_checkpoint(path)["config"].get("update", "learned")
 
 
 def load_job(args) -> Job:

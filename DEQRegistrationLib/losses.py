@@ -88,3 +88,16 @@ def similarity(name: str, fixed: torch.Tensor, warped: torch.Tensor, window: int
     if name == "mse":
         return mse_loss(fixed, warped, reduction)
     raise ValueError(f"unknown similarity {name!r}")
+
+
+def soft_dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - mean soft Dice over label channels of (B, L, *S) one-hot maps.
+
+    The warped map is linearly interpolated, so the loss is differentiable in
+    the field: the label supervision SynthMorph trains with. Labels absent
+    from both maps count as perfect overlap rather than dividing by zero.
+    """
+    dims = tuple(range(2, fixed_onehot.dim()))
+    inter = (fixed_onehot * warped_onehot).sum(dims)
+    total = fixed_onehot.sum(dims) + warped_onehot.sum(dims)
+    return 1.0 - ((2 * inter + eps) / (total + eps)).mean()

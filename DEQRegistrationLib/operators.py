@@ -9,7 +9,9 @@ so it does not know which operator it runs.
 * ``GradientUpdate``: one preconditioned descent step on LNCC + lambda *
   diffusion. Its fixed points are the stationary points of that classical
   objective, so classical optimisation is a fixed-point problem too.
-* ``HybridUpdate``: GraDIRN-style, z - tau * grad(similarity) + U(...).
+* ``HybridUpdate``: GraDIRN-style, z - tau * grad(similarity) + U(...). With
+  ``lam`` > 0 and a zero network output it *is* ``GradientUpdate``, so a model
+  can start from the classical method and learn corrections to it.
 """
 from __future__ import annotations
 
@@ -105,23 +107,24 @@ class LearnedUpdate(UpdateOperator):
 
 
 class HybridUpdate(UpdateOperator):
-    """GraDIRN-style: z - tau * G_sigma * grad(similarity) + U(fixed, moving o z, z).
+    """GraDIRN-style: z - tau * G_sigma * grad(E) + U(fixed, moving o z, z).
 
-    The similarity gradient enters as a detached input (no second-order
+    E is the similarity plus ``lam`` * diffusion (``lam`` 0: similarity only,
+    as in GraDIRN). The gradient enters as a detached input (no second-order
     terms); ``tau`` is trainable.
     """
 
     kind = "hybrid"
 
     def __init__(self, net: nn.Module, tau: float = 1.0, sigma: float = 1.0, window: int = 5,
-                 similarity: str = "lncc", scale: float = 1.0):
+                 similarity: str = "lncc", scale: float = 1.0, lam: float = 0.0):
         super().__init__()
         self.net = net
         self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
-        self.sigma, self.window, self.similarity, self.scale = sigma, window, similarity, scale
+        self.sigma, self.window, self.similarity, self.scale, self.lam = sigma, window, similarity, scale, lam
 
     def forward(self, z, fixed, moving):
-        g = gaussian_smooth(similarity_gradient(z, fixed, moving, self.similarity, self.window), self.sigma)
+        g = gaussian_smooth(similarity_gradient(z, fixed, moving, self.similarity, self.window, self.lam), self.sigma)
         warped = warp(moving, z)
         return z - self.log_tau.exp() * g + self.scale * self.net(torch.cat([fixed, warped, z], dim=1))
 

@@ -151,9 +151,11 @@ def _make_operator(update: str, model, shape: tuple, options: dict):
         op, cfg = load_operator(str(model), ndim)
     if update != cfg.get("update", op.kind):
         raise InputError(f"update mode {update!r} does not match the model, which is {cfg.get('update', op.kind)!r}")
-    factor = int(cfg.get("factor", 1))
+    # a model may carry its own coarse-to-fine pyramid ("factors"); else one level
+    factors = [int(f) for f in (cfg.get("factors") or [cfg.get("factor", 1)])]
     multiple = op.net.multiple if hasattr(op, "net") else 1
-    return op, dict(factors=[factor], level_weights=[1], max_steps=cfg.get("max_steps", LEARNED_DEFAULTS["max_steps"]),
+    weights = list(cfg.get("level_weights") or [1] * len(factors))
+    return op, dict(factors=factors, level_weights=weights, max_steps=cfg.get("max_steps", LEARNED_DEFAULTS["max_steps"]),
                     tol=cfg.get("tol", LEARNED_DEFAULTS["tol"]), multiple=multiple)
 
 

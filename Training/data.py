@@ -218,6 +218,25 @@ def to_working_grid(sample: dict, factor: int, multiple: int, prefactored: bool 
     return out
 
 
+def labels_to_working_grid(sample: dict, factor: int, multiple: int, prefactored: bool = False):
+    """(fixed, moving) one-hot label maps (1, L, *S) on the same grid as ``to_working_grid``.
+
+    L covers the labels of both maps (0 included); pooling averages the
+    one-hot channels, so coarse grids get soft, partial-volume labels.
+    """
+    pref = sample.get("prefactored", prefactored)
+    f = factor if not pref else 1
+    fl, ml = (np.asarray(sample[k]).astype(np.int64) for k in ("fixed_labels", "moving_labels"))
+    ids = np.union1d(np.unique(fl), np.unique(ml))
+    out = []
+    for lab in (fl, ml):
+        idx = torch.as_tensor(np.searchsorted(ids, lab))
+        onehot = F.one_hot(idx, len(ids)).movedim(-1, 0)[None].float()
+        onehot, _ = pad_to_multiple(onehot, f * multiple)
+        out.append(downsample_image(onehot, f))
+    return out
+
+
 def build_source(kind: str, *, ndim: int = 2, shape: Sequence[int] = (64, 64), folder: Optional[str] = None,
                  patterns: Sequence[str] = ("*.nii.gz", "*.nii"), json_path: Optional[str] = None,
                  mix: float = 0.5, max_disp: float = 4.0):

@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from DEQRegistrationLib import losses
+from DEQRegistrationLib.checkpoint import build_operator
 from DEQRegistrationLib.deq import DEQ, equal_interval_steps, state_weights, unroll
-from DEQRegistrationLib.networks import UNet
-from DEQRegistrationLib.operators import HybridUpdate, LearnedUpdate, field_channels
+from DEQRegistrationLib.operators import field_channels
 from DEQRegistrationLib.transforms import downsample_image, upsample_field, warp
 
 METHODS = ("deqreg", "voxelmorph", "unroll", "riir", "gradirn")
@@ -30,28 +30,36 @@ METHODS = ("deqreg", "voxelmorph", "unroll", "riir", "gradirn")
 
 def make_config(method: str, ndim: int, enc=(16, 32, 32), dec=(32, 32, 16), factor: int = 1,
                 max_steps: int = 48, unroll_steps: int = 3, levels=(4, 2, 1), repeats: int = 3,
-                final_init: float = 1e-5, **train) -> dict:
-    """The checkpoint config: everything register() and this trainer need to rebuild the model."""
+                final_init: float = 1e-5, update: str = "learned", op_lam: float = 0.0, tau: float = 1.0,
+                sigma: float = 1.0, factors=None, **train) -> dict:
+    """The checkpoint config: everything register() and this trainer need to rebuild the model.
+
+    ``update="hybrid"`` (deqreg only) solves z = z - tau G_sigma grad(LNCC +
+    op_lam diffusion) + U(...) as a DEQ: with ``op_lam`` equal to gradient
+    mode's lam and a zero-initialised head it starts *as* gradient mode.
+    ``factors`` stores an inference pyramid (coarse to fine) for register().
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if update not in ("learned", "hybrid"):
+        raise ValueError(f"unknown update {update!r}; choose learned or hybrid")
+    if update == "hybrid" and method != "deqreg":
+        raise ValueError("--update hybrid is for --method deqreg (gradirn is always hybrid)")
     unet = dict(ndim=ndim, in_channels=field_channels(ndim), out_channels=ndim, enc=list(enc), dec=list(dec),
                 final_init=final_init)
     inference_steps = {"deqreg": max_steps, "voxelmorph": 1, "unroll": unroll_steps, "riir": unroll_steps,
                        "gradirn": repeats}[method]
-    cfg = dict(update="hybrid" if method == "gradirn" else "learned", unet=unet, ndim=ndim, factor=factor,
+    cfg = dict(update="hybrid" if method == "gradirn" else update, unet=unet, ndim=ndim, factor=factor,
                max_steps=inference_steps, tol=1e-3 if method == "deqreg" else 0.0, scale=1.0, window=5,
                method=method, trained_steps=inference_steps)
+    if cfg["update"] == "hybrid":
+        cfg.update(tau=tau, sigma=sigma, op_lam=op_lam)
     if method == "gradirn":
-        cfg.update(levels=list(levels), repeats=repeats, tau=1.0, sigma=1.0)
+        cfg.update(levels=list(levels), repeats=repeats)
+    if factors:
+        cfg.update(factors=[int(f) for f in factors])
     cfg.update(train)
     return cfg
-
-
-def build_operator(cfg: dict):
-    net = UNet(**cfg["unet"])
-    if cfg["update"] == "hybrid":
-        return HybridUpdate(net, tau=cfg.get("tau", 1.0), sigma=cfg.get("sigma", 1.0), window=cfg.get("window", 5))
-    return LearnedUpdate(net, scale=cfg.get("scale", 1.0))
 
 
 class TrainStep(nn.Module):
@@ -94,14 +102,23 @@ class TrainStep(nn.Module):
             prev = factor
         return [z]
 
-    def forward(self, fixed, moving):
+    def forward(self, fixed, moving, fixed_onehot=None, moving_onehot=None):
+        """Loss over the states; with one-hot label maps (synthetic pairs) plus
+        ``label_weight`` * soft Dice loss of the warped moving labels, the
+        SynthMorph supervision that ties the field to anatomy, not intensity."""
         states = self.states(fixed, moving)
         scheme = "exponential" if self.cfg["method"] == "riir" else "uniform"
         w = state_weights(len(states), scheme, self.cfg.get("gamma", 0.8))
         sim = torch.stack([losses.lncc_loss(fixed, warp(moving, z), self.cfg.get("window", 5)) for z in states])
         reg = torch.stack([losses.diffusion_loss(z) for z in states])
         loss = (w * (sim + self.lam * reg)).sum()
-        return loss, {"lncc": float(sim[-1].detach()), "diffusion": float(reg[-1].detach())}
+        stats = {"lncc": float(sim[-1].detach()), "diffusion": float(reg[-1].detach()), "dice_loss": ""}
+        label_weight = float(self.cfg.get("label_weight", 0.0))
+        if label_weight and fixed_onehot is not None:
+            dl = torch.stack([losses.soft_dice_loss(fixed_onehot, warp(moving_onehot, z)) for z in states])
+            loss = loss + label_weight * (w * dl).sum()
+            stats["dice_loss"] = float(dl[-1].detach())
+        return loss, stats
 
 
 __all__ = ["METHODS", "make_config", "build_operator", "TrainStep", "equal_interval_steps"]

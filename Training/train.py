@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from DEQRegistrationLib.checkpoint import save_checkpoint
 
-from .data import build_source, to_working_grid
+from .data import build_source, labels_to_working_grid, to_working_grid
 from .methods import METHODS, TrainStep, build_operator, make_config
 
 LAMBDA_DEFAULTS = {"brain": 1.0, "lung": 0.125}
@@ -47,6 +47,14 @@ def parse_args(argv=None):
     ap.add_argument("--json", help="Learn2Reg {name}_dataset.json (--data learn2reg)")
     ap.add_argument("--mix", type=float, default=0.5, help="probability of the first source when mixing")
     ap.add_argument("--factor", type=int, default=1, help="working grid = image grid pooled by this (stored in the model)")
+    ap.add_argument("--update", choices=["learned", "hybrid"], default="learned",
+                    help="deqreg operator: learned (the paper's) or hybrid (gradient-mode step + learned correction)")
+    ap.add_argument("--op-lam", type=float, default=0.5,
+                    help="hybrid: diffusion weight inside the operator's gradient step (gradient mode's 0.5)")
+    ap.add_argument("--factors", type=int, nargs="+", default=None,
+                    help="inference pyramid stored in the model, coarse to fine (e.g. 4 2); default: --factor alone")
+    ap.add_argument("--label-weight", type=float, default=0.0,
+                    help="weight of a soft Dice loss on label maps when the data has them (synthetic does)")
     ap.add_argument("--enc", type=int, nargs="+", default=[16, 32, 32])
     ap.add_argument("--dec", type=int, nargs="+", default=[32, 32, 16])
     ap.add_argument("--max-steps", type=int, default=48, help="deqreg: solver budget")
@@ -110,6 +118,8 @@ def train(args) -> dict:
                       max_steps=args.max_steps if args.method == "deqreg" else args.unroll_steps,
                       unroll_steps=args.unroll_steps, repeats=args.repeats,
                       n_states=args.n_states, phantom_k=args.phantom_k, phantom_damping=args.phantom_damping,
+                      update=args.update, op_lam=args.op_lam if args.update == "hybrid" else 0.0,
+                      factors=args.factors, label_weight=args.label_weight,
                       lam=lam, lr=args.lr, data=args.data, solver=args.solver)
     # every process starts from the same weights; data randomness differs per rank
     torch.manual_seed(args.seed)
@@ -145,7 +155,7 @@ def train(args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         if not (args.resume and log_path.is_file()):
             with open(log_path, "w", newline="") as fh:
-                csv.writer(fh).writerow(["step", "loss", "lncc", "diffusion", "solver_steps", "seconds"])
+                csv.writer(fh).writerow(["step", "loss", "lncc", "diffusion", "solver_steps", "seconds", "dice_loss"])
 
     def save(step):
         rngs = [None] * world
@@ -164,7 +174,10 @@ def train(args) -> dict:
     for step in bar:
         sample = source.sample(gen)
         fixed, moving = (x.to(dev) for x in to_working_grid(sample, args.factor, multiple, prefactored))
-        loss, stats = model(fixed, moving)
+        onehots = ()
+        if args.label_weight and "fixed_labels" in sample and "moving_labels" in sample:
+            onehots = tuple(x.to(dev) for x in labels_to_working_grid(sample, args.factor, multiple, prefactored))
+        loss, stats = model(fixed, moving, *onehots)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         lv = float(loss.detach())
@@ -174,7 +187,7 @@ def train(args) -> dict:
             with open(log_path, "a", newline="") as fh:
                 csv.writer(fh).writerow([step + 1, f"{lv:.6f}", f"{stats['lncc']:.6f}",
                                          f"{stats['diffusion']:.6f}", solver_steps,
-                                         f"{time.perf_counter() - t0:.1f}"])
+                                         f"{time.perf_counter() - t0:.1f}", stats["dice_loss"]])
             bar.set_postfix(loss=f"{lv:.4f}", lncc=f"{stats['lncc']:.4f}")
         done = step + 1
         stop = bool(args.time_limit and time.perf_counter() - t0 > 60 * args.time_limit)
