@@ -110,3 +110,17 @@ def test_train_cli_stores_hybrid_settings_and_logs_the_label_loss(tmp_path):
     rows = (out / "log.csv").read_text().strip().splitlines()
     assert rows[0].endswith("dice_loss") and len(rows) == 3
     assert all(0 < float(r.split(",")[-1]) < 1 for r in rows[1:])
+
+
+def test_export_sets_inference_budget_and_drops_training_state(tmp_path):
+    from Training import train
+
+    op, cfg = _hybrid()
+    src, dst = tmp_path / "last.pt", tmp_path / "model.pt"
+    save_checkpoint(src, op, cfg, optimizer={"x": 1}, step=7)
+    train.main(["export", str(src), str(dst), "--max-steps", "120", "--tol", "0.002"])
+    payload = torch.load(dst, weights_only=True)
+    assert "optimizer" not in payload
+    assert (payload["config"]["max_steps"], payload["config"]["tol"]) == (120, 0.002)
+    assert payload["config"]["trained_optimizer_steps"] == 7
+    assert payload["config"]["trained_steps"] == 6  # what it was trained with stays on record

@@ -24,7 +24,6 @@ import re
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -32,10 +31,8 @@ import numpy as np
 import torch
 
 from DEQRegistrationLib import metrics
-from DEQRegistrationLib.checkpoint import load_operator, read_checkpoint
+from DEQRegistrationLib.checkpoint import read_checkpoint
 from DEQRegistrationLib.image import Image
-from DEQRegistrationLib.preprocess import normalize_intensity, pad_to_multiple, to_tensor
-from DEQRegistrationLib.transforms import downsample_image, upsample_field, warp
 from DEQRegistrationLib import register
 
 from .data import Learn2RegDataset, load_pair
@@ -93,46 +90,8 @@ def model_spec(spec: str) -> dict:
     # plain unrolled methods were trained with plain iteration: evaluate them the same way
     solver = "anderson" if method == "deqreg" else "fixed-point"
     return dict(name=f"{method} ({Path(spec).name})", update=cfg.get("update", "learned"),
-                model=spec, method=method, trained_steps=int(cfg.get("trained_steps", cfg.get("max_steps", 1))) * len(cfg.get("levels", [1])),
+                model=spec, method=method, trained_steps=int(cfg.get("trained_steps", cfg.get("max_steps", 1))),
                 cfg=cfg, solver=solver)
-
-
-class _Result:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
-def multilevel_register(m: dict, fixed: Image, moving: Image, moving_labels=None, max_steps=None) -> _Result:
-    """GraDIRN inference as trained: levels coarse to fine, ``repeats`` steps each.
-
-    register() runs a learned model on one level only, so this mirrors its
-    preprocessing (percentile normalisation, replicate padding, pooling) for
-    the multi-level hybrid models. ``fixed`` and ``moving`` share one grid.
-    """
-    t0 = time.perf_counter()
-    op, cfg = load_operator(m["model"], fixed.ndim)
-    levels = [cfg["factor"] * lv for lv in cfg["levels"]]
-    repeats = max(1, (max_steps or cfg["repeats"] * len(levels)) // len(levels))
-    with torch.no_grad():
-        f = normalize_intensity(to_tensor(fixed.data, "cpu"))
-        mv = normalize_intensity(to_tensor(moving.data, "cpu"))
-        fp, crop = pad_to_multiple(f, max(levels) * op.net.multiple)
-        mp, _ = pad_to_multiple(mv, max(levels) * op.net.multiple)
-        z, prev = None, None
-        for fac in levels:
-            fl, ml = downsample_image(fp, fac), downsample_image(mp, fac)
-            z = torch.zeros(1, fixed.ndim, *fl.shape[2:]) if z is None else upsample_field(z, prev // fac)
-            for _ in range(repeats):
-                z = op(z, fl, ml)
-            prev = fac
-        disp = upsample_field(z, prev)[crop]
-        warped_labels = None
-        if moving_labels is not None:
-            lab = to_tensor(np.asarray(moving_labels, np.float32), "cpu")
-            warped_labels = warp(lab, disp, mode="nearest", padding_mode="zeros")[0, 0].numpy().astype(np.int32)
-    d = disp[0].numpy()
-    return _Result(displacement=d, jacobian=metrics.jacobian_determinant(d), warped_labels=warped_labels,
-                   steps=repeats * len(levels), seconds=time.perf_counter() - t0)
 
 
 def run_pair(m: dict, pair, max_steps=None, tol=None) -> Dict[str, float]:
@@ -140,11 +99,9 @@ def run_pair(m: dict, pair, max_steps=None, tol=None) -> Dict[str, float]:
     data = load_pair(fe, me)
     fixed = Image(np.asarray(data["fixed"], np.float32), data["fixed_affine"])
     moving = Image(np.asarray(data["moving"], np.float32), data["fixed_affine"])  # already on the fixed grid
-    if m["method"] == "gradirn":
-        res = multilevel_register(m, fixed, moving, data.get("moving_labels"), max_steps)
-    else:
-        res = register(fixed, moving, update=m["update"], model=m["model"], solver=m["solver"],
-                       max_steps=max_steps, tol=tol, device="cpu", moving_labels=data.get("moving_labels"))
+    # multi-level models (GraDIRN, hybrid DEQReg) carry their pyramid; register() runs it
+    res = register(fixed, moving, update=m["update"], model=m["model"], solver=m["solver"],
+                   max_steps=max_steps, tol=tol, device="cpu", moving_labels=data.get("moving_labels"))
     row = dict(pair=name, seconds=res.seconds, steps=res.steps,
                folding_pct=metrics.folding_percent(res.jacobian),
                sdlogj=metrics.std_log_jacobian(res.jacobian))

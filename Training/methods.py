@@ -48,14 +48,14 @@ def make_config(method: str, ndim: int, enc=(16, 32, 32), dec=(32, 32, 16), fact
     unet = dict(ndim=ndim, in_channels=field_channels(ndim), out_channels=ndim, enc=list(enc), dec=list(dec),
                 final_init=final_init)
     inference_steps = {"deqreg": max_steps, "voxelmorph": 1, "unroll": unroll_steps, "riir": unroll_steps,
-                       "gradirn": repeats}[method]
+                       "gradirn": repeats * len(levels)}[method]
     cfg = dict(update="hybrid" if method == "gradirn" else update, unet=unet, ndim=ndim, factor=factor,
                max_steps=inference_steps, tol=1e-3 if method == "deqreg" else 0.0, scale=1.0, window=5,
                method=method, trained_steps=inference_steps)
     if cfg["update"] == "hybrid":
         cfg.update(tau=tau, sigma=sigma, op_lam=op_lam)
-    if method == "gradirn":
-        cfg.update(levels=list(levels), repeats=repeats)
+    if method == "gradirn":  # register() runs the stored pyramid, `repeats` steps per level
+        cfg.update(levels=list(levels), repeats=repeats, factors=[factor * lv for lv in levels])
     if factors:
         cfg.update(factors=[int(f) for f in factors])
     cfg.update(train)

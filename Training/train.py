@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -208,19 +209,34 @@ def train(args) -> dict:
     return {"step": done, "checkpoint": str(out / "last.pt")}
 
 
-def export(src, dst) -> None:
-    """Strip training state (optimiser, RNG) from a checkpoint: the file the library ships."""
+def export(src, dst, max_steps: Optional[int] = None, tol: Optional[float] = None) -> None:
+    """Strip training state (optimiser, RNG) from a checkpoint: the file the library ships.
+
+    ``max_steps``/``tol`` set the inference defaults stored in the model (a
+    DEQ may be trained with short solves and run to convergence).
+    """
     payload = torch.load(src, map_location="cpu", weights_only=False)
     op = build_operator(payload["config"])
     op.load_state_dict(payload["state_dict"])
     cfg = dict(payload["config"], trained_optimizer_steps=int(payload.get("step", 0)))
+    if max_steps is not None:
+        cfg["max_steps"] = int(max_steps)
+    if tol is not None:
+        cfg["tol"] = float(tol)
     save_checkpoint(dst, op, cfg)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
-        export(argv[1], argv[2])
+        ap = argparse.ArgumentParser(prog="python -m Training.train export",
+                                     description="write a shippable model (weights + config) from a run checkpoint")
+        ap.add_argument("src")
+        ap.add_argument("dst")
+        ap.add_argument("--max-steps", type=int, default=None, help="inference step budget stored in the model")
+        ap.add_argument("--tol", type=float, default=None, help="inference tolerance stored in the model")
+        a = ap.parse_args(argv[1:])
+        export(a.src, a.dst, a.max_steps, a.tol)
         return 0
     train(parse_args(argv))
     return 0
