@@ -205,16 +205,20 @@ class MixedSource:
         return out
 
 
+def _pad_and_pool(x: torch.Tensor, sample: dict, factor: int, multiple: int, prefactored: bool) -> torch.Tensor:
+    """Pad to the pyramid's multiple and pool by the model's factor, unless the
+    source already generated the pair on the working grid (``prefactored``)."""
+    f = 1 if sample.get("prefactored", prefactored) else factor
+    x, _ = pad_to_multiple(x, f * multiple)
+    return downsample_image(x, f)
+
+
 def to_working_grid(sample: dict, factor: int, multiple: int, prefactored: bool = False):
     """(fixed, moving) tensors (1, 1, *S) as register() sees them: normalised, padded, pooled."""
-    pref = sample.get("prefactored", prefactored)
-    f = factor if not pref else 1
     out = []
     for key in ("fixed", "moving"):
         x = torch.as_tensor(np.ascontiguousarray(sample[key]), dtype=torch.float32)[None, None]
-        x = normalize_intensity(x)
-        x, _ = pad_to_multiple(x, f * multiple)
-        out.append(downsample_image(x, f))
+        out.append(_pad_and_pool(normalize_intensity(x), sample, factor, multiple, prefactored))
     return out
 
 
@@ -224,16 +228,13 @@ def labels_to_working_grid(sample: dict, factor: int, multiple: int, prefactored
     L covers the labels of both maps (0 included); pooling averages the
     one-hot channels, so coarse grids get soft, partial-volume labels.
     """
-    pref = sample.get("prefactored", prefactored)
-    f = factor if not pref else 1
     fl, ml = (np.asarray(sample[k]).astype(np.int64) for k in ("fixed_labels", "moving_labels"))
     ids = np.union1d(np.unique(fl), np.unique(ml))
     out = []
     for lab in (fl, ml):
         idx = torch.as_tensor(np.searchsorted(ids, lab))
         onehot = F.one_hot(idx, len(ids)).movedim(-1, 0)[None].float()
-        onehot, _ = pad_to_multiple(onehot, f * multiple)
-        out.append(downsample_image(onehot, f))
+        out.append(_pad_and_pool(onehot, sample, factor, multiple, prefactored))
     return out
 
 
