@@ -1,15 +1,12 @@
 """Model checkpoints: one self-describing file per trained update operator.
 
 A checkpoint is a ``torch.save`` dict loaded with ``weights_only=True``:
-``{"format": "deqreg", "version": 1, "config": {...}, "state_dict": {...}}``.
-``config`` holds everything needed to rebuild and run the operator:
-``update`` (learned|hybrid), ``unet`` (UNet kwargs), ``ndim``, ``factor`` (the
-working grid is the fixed grid downsampled by this) or ``factors`` (a
-coarse-to-fine pyramid of such grids, ``level_weights`` splitting the step
-budget), ``max_steps`` and ``tol`` (inference defaults), ``scale``,
-``window``, hybrid ``tau``/``sigma``/``op_lam``, plus free-form training facts.
-Training may add ``optimizer``/``rng``/``step`` for exact resume; inference
-ignores them.
+``{"format": "deqreg", "version": 2, "config": ModelConfig.to_dict(),
+"state_dict": {...}}``. The config (``config.ModelConfig``) is the only
+description of the model: training writes it, every reader rebuilds the
+operator and its level plan from it. Version-1 files (flat configs) still
+load. Training may add ``optimizer``/``rng``/``step`` for exact resume;
+inference ignores them.
 """
 from __future__ import annotations
 
@@ -20,6 +17,7 @@ from typing import Tuple
 
 import torch
 
+from .config import CONFIG_VERSION, ModelConfig
 from .errors import InputError
 from .networks import UNet
 from .operators import HybridUpdate, LearnedUpdate, UpdateOperator
@@ -31,23 +29,21 @@ def default_model_path(ndim: int) -> Path:
     return MODELS_DIR / f"default_{ndim}d.pt"
 
 
-def build_operator(config: dict) -> UpdateOperator:
-    net = UNet(**config["unet"])
-    kind = config.get("update", "learned")
-    if kind == "learned":
-        return LearnedUpdate(net, scale=config.get("scale", 1.0))
-    if kind == "hybrid":
-        return HybridUpdate(net, tau=config.get("tau", 1.0), sigma=config.get("sigma", 1.0),
-                            window=config.get("window", 5), scale=config.get("scale", 1.0),
-                            lam=config.get("op_lam", 0.0))
-    raise InputError(f"checkpoint has unknown update kind {kind!r}")
+def build_operator(config: ModelConfig) -> UpdateOperator:
+    """A fresh (untrained) operator of the configured kind."""
+    net = UNet(**config.unet)
+    if config.update == "learned":
+        return LearnedUpdate(net, scale=config.scale)
+    return HybridUpdate(net, tau=config.tau, sigma=config.sigma, window=config.window, similarity=config.similarity,
+                        scale=config.scale, diffusion_weight=config.diffusion_weight)
 
 
-def save_checkpoint(path, operator: UpdateOperator, config: dict, **extra) -> None:
+def save_checkpoint(path, operator: UpdateOperator, config: ModelConfig, **extra) -> None:
     """Write atomically: a temporary file in the same folder, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": "deqreg", "version": 1, "config": config, "state_dict": operator.state_dict(), **extra}
+    payload = {"format": "deqreg", "version": CONFIG_VERSION, "config": config.to_dict(),
+               "state_dict": operator.state_dict(), **extra}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
@@ -59,6 +55,7 @@ def save_checkpoint(path, operator: UpdateOperator, config: dict, **extra) -> No
 
 
 def read_checkpoint(path) -> dict:
+    """The checkpoint's payload, with ``payload["config"]`` parsed into a ``ModelConfig``."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"model file not found: {path}")
@@ -68,20 +65,38 @@ def read_checkpoint(path) -> dict:
         raise InputError(f"cannot read model file {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(payload, dict) or payload.get("format") != "deqreg":
         raise InputError(f"{path} is not a DEQReg checkpoint")
+    try:
+        payload["config"] = ModelConfig.from_dict(payload["config"], int(payload.get("version", 1)))
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: damaged model config ({type(exc).__name__}: {exc})") from None
     return payload
 
 
-def load_operator(spec, ndim: int) -> Tuple[UpdateOperator, dict]:
-    """Resolve 'default' or a path to (operator in eval mode, config)."""
-    path = default_model_path(ndim) if spec == "default" else Path(spec)
-    if spec == "default" and not path.is_file():
-        raise InputError(f"no default {ndim}D model is installed ({path.name} missing); use --model none "
-                         "(gradient mode) or a checkpoint path")
+def model_path(spec, ndim: int) -> Path:
+    """'default' (the shipped model for ``ndim``) or a path, checked to exist."""
+    if spec == "default":
+        path = default_model_path(ndim)
+        if not path.is_file():
+            raise InputError(f"no default {ndim}D model is installed ({path.name} missing); use the gradient "
+                             "update (no weights; CLI: --model none) or a checkpoint path")
+        return path
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"model file not found: {path} (give 'default' or a .pt path)")
+    return path
+
+
+def load_operator(spec, ndim: int) -> Tuple[UpdateOperator, ModelConfig]:
+    """Resolve 'default' or a path to (operator in eval mode, its config)."""
+    path = model_path(spec, ndim)
     payload = read_checkpoint(path)
     config = payload["config"]
-    if config.get("ndim") != ndim:
-        raise InputError(f"model {path.name} is for {config.get('ndim')}D images, the input is {ndim}D")
+    if config.ndim != ndim:
+        raise InputError(f"model {path.name} is for {config.ndim}D images, the input is {ndim}D")
     op = build_operator(config)
     op.load_state_dict(payload["state_dict"])
     op.eval()
+    op.config = config
     return op, config

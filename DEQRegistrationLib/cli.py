@@ -17,15 +17,16 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import numpy as np
 
+from .config import SOLVER_NAMES, Settings, make_settings
 from .errors import InputError
 from .image import Image
+from .solvers import RESIDUAL_DEFINITION
 
 PROG = "deqreg"
 EXIT_INPUT = 2
@@ -39,13 +40,8 @@ class _OneLineParser(argparse.ArgumentParser):
         raise InputError(f"{message} (see '{self.prog} --help')")
 
 
-def default_model_choice() -> str:
-    """The model used when --model is not given: 'none' (the weight-free gradient update).
-
-    It is the most accurate mode on a CPU today (see README); the shipped
-    learned models are opt-in with --model default.
-    """
-    return "none"
+#: --model when not given: the weight-free gradient update, the most accurate mode on a CPU today (README)
+DEFAULT_MODEL = "none"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,14 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(reg)
     reg.add_argument("--model", default=None,
                      help="'none' (no weights, gradient update), 'default' (shipped weights) or a .pt path "
-                          f"(default: {default_model_choice()})")
+                          f"(default: {DEFAULT_MODEL})")
     reg.add_argument("--update", choices=("learned", "gradient", "hybrid"), default=None,
                      help="update rule (default: learned with a model, gradient without)")
-    reg.add_argument("--solver", choices=("anderson", "fixed-point"), default="anderson")
+    reg.add_argument("--solver", choices=SOLVER_NAMES, default=None,
+                     help="root solver (default: anderson for the gradient update, a model's own otherwise)")
     reg.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
                      help="total solver steps over all levels")
     reg.add_argument("--tol", type=_positive_float, default=None, metavar="X",
-                     help="stop when ||f(z) - z|| / ||z|| falls below X")
+                     help="stop when the relative residual falls below X; residual = " + RESIDUAL_DEFINITION)
 
     demo = sub.add_parser("demo", help="offline demo on a real brain template shipped by nilearn, with a plot",
                           description="Offline demo on real anatomy: the MNI ICBM152 2009a T1 template shipped "
@@ -122,45 +119,32 @@ class Job:
     moving_seg: Optional[np.ndarray] = None
     fixed_points: Optional[np.ndarray] = None
     moving_points: Optional[np.ndarray] = None
-    options: Dict = field(default_factory=dict)
+    settings: Settings = field(default_factory=Settings)
     inputs: Dict = field(default_factory=dict)
 
 
 def resolve_model(model: Optional[str], update: Optional[str], ndim: int):
     """(model argument for register(), update rule), refusing combinations that cannot run."""
-    from .checkpoint import default_model_path
+    from .checkpoint import model_path, read_checkpoint
 
-    model = default_model_choice() if model is None else model
+    model = DEFAULT_MODEL if model is None else model
     if model.lower() == "none":
         update = update or "gradient"
         if update != "gradient":
             raise InputError(f"--update {update} needs trained weights; give --model default or --model PATH")
         return None, update
-    if model == "default":
-        if not default_model_path(ndim).is_file():
-            raise InputError(f"no default {ndim}D model is shipped yet ({default_model_path(ndim).name} missing); "
-                             "use --model none or --model PATH")
-        return "default", update or _model_update(default_model_path(ndim))
-    path = Path(model)
-    if not path.is_file():
-        raise InputError(f"model file not found: {path} (use 'none', 'default' or a .pt path)")
-    return str(path), update or _model_update(path)
-
-
-def _model_update(path) -> str:
-    """The update rule a checkpoint was trained with (learned or hybrid)."""
-    from .checkpoint import read_checkpoint
-
-    return read_checkpoint(path)["config"].get("update", "learned")
+    path = model_path(model, ndim)
+    return ("default" if model == "default" else str(path)), update or read_checkpoint(path)["config"].update
 
 
 def load_job(args) -> Job:
     """Read and check every input of ``deqreg register`` before any work starts."""
     from . import io
+    from .preprocess import check_pair
 
     fixed = io.load_image(args.fixed, "fixed image")
     moving = io.load_image(args.moving, "moving image")
-    io.check_pair(fixed, moving)
+    check_pair(fixed, moving)
     if bool(args.fixed_seg) != bool(args.moving_seg):
         raise InputError("give both --fixed-seg and --moving-seg, or neither")
     if bool(args.fixed_landmarks) != bool(args.moving_landmarks):
@@ -207,20 +191,10 @@ class ProgressBar:
 
 
 def run_register(job: Job, progress: Optional[Callable] = None):
-    """register() with the job's options and labels; returns the RegistrationResult."""
+    """register() with the job's settings and labels; returns the RegistrationResult."""
     from .registration import register  # imported when first needed: torch is heavy
 
-    o = job.options
-    return register(job.fixed, job.moving, update=o["update"], model=o["model"], solver=o["solver"],
-                    max_steps=o["max_steps"], tol=o["tol"], device=o["device"], callback=progress,
-                    moving_labels=job.moving_seg)
-
-
-def identity_resample_labels(labels: np.ndarray, fixed: Image, moving: Image) -> np.ndarray:
-    """Moving labels in the fixed grid without deformation (nearest): the 'before' of Dice."""
-    from .preprocess import resample_into
-
-    return resample_into(Image(labels, moving.affine), fixed, order=0)
+    return register(job.fixed, job.moving, job.settings, callback=progress, moving_labels=job.moving_seg)
 
 
 def compute_metrics(job: Job, result) -> Dict:
@@ -238,8 +212,10 @@ def compute_metrics(job: Job, result) -> Dict:
     out.update(dice_before=None, dice_mean=None, dice_per_label=None, dice_before_per_label=None,
                hd95=None, hd95_before=None, tre_mm=None, tre_before_mm=None)
     if job.fixed_seg is not None:
+        from .sampling import Sampler
+
         labels = M.common_labels(job.fixed_seg, job.moving_seg)
-        before = identity_resample_labels(job.moving_seg, job.fixed, job.moving)
+        before = Sampler.between(job.fixed, job.moving).labels(job.moving_seg)
         after = np.asarray(result.warped_labels)
         spacing = job.fixed.spacing
         d_before = M.dice_per_label(job.fixed_seg, before, labels)
@@ -315,7 +291,8 @@ def write_outputs(folder: Path, job: Job, result, metrics: Dict) -> None:
         for row in result.trace:
             w.writerow([row["step"], row["level"], f"{row['residual']:.6g}", f"{row['seconds']:.4f}"])
     doc = dict(metrics)
-    doc["options"] = dict(job.options, model="none" if job.options.get("model") is None else job.options["model"])
+    doc["settings"] = job.settings.as_dict()
+    doc["plan"] = result.plan.as_dict()
     doc["inputs"] = dict(job.inputs)
     (folder / "metrics.json").write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
 
@@ -411,8 +388,8 @@ def cmd_register(args) -> int:
                          args.fixed_landmarks, args.moving_landmarks])
     job = load_job(args)
     model, update = resolve_model(args.model, args.update, job.fixed.ndim)
-    job.options = dict(model=model, update=update, solver=args.solver,
-                       max_steps=args.max_steps, tol=args.tol, device=args.device)
+    job.settings = make_settings(update=update, model=model, solver=args.solver, max_steps=args.max_steps,
+                                 tol=args.tol, device=args.device)
     _, metrics = execute(job, out)
     print(f"{PROG}: wrote {out} ({summary_line(metrics)})")
     return 0

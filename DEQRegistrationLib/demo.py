@@ -66,7 +66,7 @@ def plot_demo(path: Path, pair, result, metrics: Dict) -> Path:
         sel = levels == lev
         ax.semilogy(steps[sel], res[sel], ".-", ms=3, label=f"level {lev + 1}")
     ax.set_xlabel("solver step")
-    ax.set_ylabel("relative residual ||f(z) - z|| / ||f(z)||")
+    ax.set_ylabel("relative residual ||f(z) - z|| / ||f(z)||")  # solvers.RESIDUAL_DEFINITION
     ax.set_title(f"convergence ({result.steps} steps, {result.seconds:.0f} s, {result.device})")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
@@ -83,6 +83,7 @@ def run_demo(out: Path, device: str = "auto", max_steps: Optional[int] = None) -
     """Build the pair, register it through the CLI's shared job code, write outputs + PNG; returns metrics."""
     from . import io
     from .cli import Job, execute
+    from .config import make_settings
     from .demo_data import make_demo_pair
 
     t0 = time.perf_counter()
@@ -90,8 +91,7 @@ def run_demo(out: Path, device: str = "auto", max_steps: Optional[int] = None) -
           file=sys.stderr)
     pair = make_demo_pair(voxel_mm=DEMO_VOXEL_MM)
     job = Job(pair.fixed, pair.moving, pair.fixed_labels, pair.moving_labels,
-              options=dict(model=None, update="gradient", solver="anderson",
-                           max_steps=max_steps or DEMO_MAX_STEPS, tol=None, device=device),
+              settings=make_settings(max_steps=max_steps or DEMO_MAX_STEPS, device=device),
               inputs=dict(source=pair.description))
 
     def extra_metrics(result):

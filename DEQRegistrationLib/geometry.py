@@ -10,31 +10,16 @@ two of them, saying which in its name:
 * **normalized**: torch ``grid_sample`` coordinates with ``align_corners=True``:
   -1 at the first voxel centre, +1 at the last, per axis. Note grid_sample
   wants the components in reversed axis order (x = last axis); only
-  ``transforms.warp`` deals with that.
+  ``transforms.sample`` deals with that.
 * **physical**: millimetres in RAS (nibabel's and Slicer's world) or LPS (ITK's
   files), through a 4x4 voxel-to-RAS affine, any rotation, shear or spacing.
+
+Mapping fixed voxels to moving voxels (both affines, a field) is
+``sampling.Sampler``, the only place that composes those matrices.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-# --- voxel <-> normalized -------------------------------------------------------
-
-
-def voxel_to_normalized_field(disp: torch.Tensor) -> torch.Tensor:
-    """Voxel displacement (B, ndim, *S) to normalized units, same channel order."""
-    shape = disp.shape[2:]
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], dtype=disp.dtype, device=disp.device)
-    return disp * scale.view(1, -1, *([1] * len(shape)))
-
-
-def normalized_to_voxel_field(disp: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`voxel_to_normalized_field`."""
-    shape = disp.shape[2:]
-    scale = torch.tensor([max(n - 1, 1) / 2.0 for n in shape], dtype=disp.dtype, device=disp.device)
-    return disp * scale.view(1, -1, *([1] * len(shape)))
-
 
 # --- voxel <-> physical ---------------------------------------------------------
 
@@ -88,14 +73,3 @@ def physical_to_voxel_points(points: np.ndarray, affine: np.ndarray, ndim: int) 
     points = np.asarray(points, dtype=np.float64)
     inv = np.linalg.pinv(_linear(affine, ndim))
     return (points - np.asarray(affine)[:3, 3]) @ inv.T
-
-
-def voxel_to_voxel_affine(fixed_affine: np.ndarray, moving_affine: np.ndarray, ndim: int) -> np.ndarray:
-    """(ndim+1)x(ndim+1) matrix taking fixed voxel coordinates to moving voxel coordinates.
-
-    It is inv(moving_affine) @ fixed_affine. For 2D images both must lie in
-    the same plane; the rows and columns of the unused axis are dropped.
-    """
-    full = np.linalg.inv(np.asarray(moving_affine, dtype=np.float64)) @ np.asarray(fixed_affine, dtype=np.float64)
-    keep = list(range(ndim)) + [3]
-    return full[np.ix_(keep, keep)]

@@ -160,13 +160,6 @@ def load_labels(path, like: Optional[Image] = None, what: str = "label map") -> 
     return out
 
 
-def check_pair(fixed: Image, moving: Image) -> None:
-    """Fixed and moving must both be 2D or both 3D."""
-    if fixed.ndim != moving.ndim:
-        raise InputError(f"fixed image is {fixed.ndim}D {fixed.shape} but moving image is "
-                         f"{moving.ndim}D {moving.shape}; both must be 2D or both 3D")
-
-
 # --- writing ------------------------------------------------------------------------
 
 
@@ -388,7 +381,7 @@ def save_landmarks_csv(points: np.ndarray, path) -> Path:
 
 
 __all__ = [
-    "load_image", "load_labels", "as_label_array", "check_pair", "save_image", "save_labels",
+    "load_image", "load_labels", "as_label_array", "save_image", "save_labels",
     "save_itk_displacement", "load_itk_displacement", "itk_displacement_to_voxel",
     "load_landmarks", "check_landmark_pair", "save_landmarks_csv", "ras_to_lps",
 ]

@@ -15,10 +15,6 @@ def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
         return x.mean()
     if reduction == "sum":
         return x.sum()
-    if reduction == "batch":  # one value per batch item
-        return x.flatten(1).mean(1)
-    if reduction == "none":
-        return x
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
@@ -73,11 +69,7 @@ def diffusion_loss(disp: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     ndim = disp.dim() - 2
     total = 0.0
     for axis in range(2, 2 + ndim):
-        d = torch.diff(disp, dim=axis) ** 2
-        if reduction == "batch":
-            total = total + d.flatten(1).mean(1)
-        else:
-            total = total + _reduce(d, reduction)
+        total = total + _reduce(torch.diff(disp, dim=axis) ** 2, reduction)
     return total
 
 

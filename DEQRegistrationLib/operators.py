@@ -6,12 +6,12 @@ resampled into the fixed grid). The solver only ever sees ``lambda z: op(z, F, M
 so it does not know which operator it runs.
 
 * ``LearnedUpdate``: the paper's DEQReg, z + U(fixed, moving o z, z).
-* ``GradientUpdate``: one preconditioned descent step on LNCC + lambda *
+* ``GradientUpdate``: one preconditioned descent step on LNCC + diffusion_weight *
   diffusion. Its fixed points are the stationary points of that classical
   objective, so classical optimisation is a fixed-point problem too.
 * ``HybridUpdate``: GraDIRN-style, z - tau * grad(similarity) + U(...). With
-  ``lam`` > 0 and a zero network output it *is* ``GradientUpdate``, so a model
-  can start from the classical method and learn corrections to it.
+  ``diffusion_weight`` > 0 and a zero network output it *is* ``GradientUpdate``,
+  so a model can start from the classical method and learn corrections to it.
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x
 
 
-def similarity_gradient(z, fixed, moving, similarity="lncc", window=5, lam=0.0, create_graph=False):
-    """Gradient w.r.t. the field of sum-reduced similarity + lam * diffusion.
+def similarity_gradient(z, fixed, moving, similarity="lncc", window=5, diffusion_weight=0.0, create_graph=False):
+    """Gradient w.r.t. the field of sum-reduced similarity + diffusion_weight * diffusion.
 
     Sum reduction keeps the per-voxel gradient independent of image size.
     Works inside ``torch.no_grad()`` (it turns grad on locally).
@@ -56,8 +56,8 @@ def similarity_gradient(z, fixed, moving, similarity="lncc", window=5, lam=0.0, 
         zz = z if (create_graph and z.requires_grad) else z.detach().requires_grad_(True)
         warped = warp(moving, zz)
         energy = losses.similarity(similarity, fixed, warped, window, reduction="sum")
-        if lam:
-            energy = energy + lam * losses.diffusion_loss(zz, reduction="sum")
+        if diffusion_weight:
+            energy = energy + diffusion_weight * losses.diffusion_loss(zz, reduction="sum")
         (grad,) = torch.autograd.grad(energy, zz, create_graph=create_graph)
     return grad
 
@@ -65,36 +65,37 @@ def similarity_gradient(z, fixed, moving, similarity="lncc", window=5, lam=0.0, 
 class UpdateOperator(nn.Module):
     """Base class; subclasses implement ``forward(z, fixed, moving)``."""
 
-    kind = "base"
+    update = "base"  # the update rule's name: learned | gradient | hybrid
 
     def forward(self, z, fixed, moving):  # pragma: no cover - abstract
         raise NotImplementedError
 
 
 class GradientUpdate(UpdateOperator):
-    """z - step * G_sigma * grad(E(z)), E = LNCC(sum) + lam * diffusion(sum).
+    """z - step_size * G_sigma * grad(E(z)), E = LNCC(sum) + diffusion_weight * diffusion(sum).
 
     The Gaussian G_sigma preconditions the step (a Sobolev-type gradient), so
     one step size works across levels and the map contracts near a minimum.
     No trainable weights.
     """
 
-    kind = "gradient"
+    update = "gradient"
 
-    def __init__(self, step: float = 1.0, lam: float = 1.0, sigma: float = 1.0, window: int = 5,
+    def __init__(self, step_size: float = 1.0, diffusion_weight: float = 1.0, sigma: float = 1.0, window: int = 5,
                  similarity: str = "lncc"):
         super().__init__()
-        self.step, self.lam, self.sigma, self.window, self.similarity = step, lam, sigma, window, similarity
+        self.step_size, self.diffusion_weight = step_size, diffusion_weight
+        self.sigma, self.window, self.similarity = sigma, window, similarity
 
     def forward(self, z, fixed, moving):
-        g = similarity_gradient(z, fixed, moving, self.similarity, self.window, self.lam)
-        return z - self.step * gaussian_smooth(g, self.sigma)
+        g = similarity_gradient(z, fixed, moving, self.similarity, self.window, self.diffusion_weight)
+        return z - self.step_size * gaussian_smooth(g, self.sigma)
 
 
 class LearnedUpdate(UpdateOperator):
     """DEQReg: z + scale * U(concat(fixed, moving o z, z))."""
 
-    kind = "learned"
+    update = "learned"
 
     def __init__(self, net: nn.Module, scale: float = 1.0):
         super().__init__()
@@ -109,22 +110,24 @@ class LearnedUpdate(UpdateOperator):
 class HybridUpdate(UpdateOperator):
     """GraDIRN-style: z - tau * G_sigma * grad(E) + U(fixed, moving o z, z).
 
-    E is the similarity plus ``lam`` * diffusion (``lam`` 0: similarity only,
-    as in GraDIRN). The gradient enters as a detached input (no second-order
+    E is the similarity plus ``diffusion_weight`` * diffusion (0: similarity
+    only, as in GraDIRN). The gradient enters as a detached input (no second-order
     terms); ``tau`` is trainable.
     """
 
-    kind = "hybrid"
+    update = "hybrid"
 
     def __init__(self, net: nn.Module, tau: float = 1.0, sigma: float = 1.0, window: int = 5,
-                 similarity: str = "lncc", scale: float = 1.0, lam: float = 0.0):
+                 similarity: str = "lncc", scale: float = 1.0, diffusion_weight: float = 0.0):
         super().__init__()
         self.net = net
         self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
-        self.sigma, self.window, self.similarity, self.scale, self.lam = sigma, window, similarity, scale, lam
+        self.sigma, self.window, self.similarity, self.scale = sigma, window, similarity, scale
+        self.diffusion_weight = diffusion_weight
 
     def forward(self, z, fixed, moving):
-        g = gaussian_smooth(similarity_gradient(z, fixed, moving, self.similarity, self.window, self.lam), self.sigma)
+        g = similarity_gradient(z, fixed, moving, self.similarity, self.window, self.diffusion_weight)
+        g = gaussian_smooth(g, self.sigma)
         warped = warp(moving, z)
         return z - self.log_tau.exp() * g + self.scale * self.net(torch.cat([fixed, warped, z], dim=1))
 

@@ -1,4 +1,4 @@
-"""Pre-processing: checks, resampling into the fixed grid, normalisation, padding."""
+"""Pre-processing: input checks, normalisation, padding (resampling is ``sampling.Sampler``)."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -8,9 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .geometry import voxel_to_voxel_affine
 from .image import Image
-from .transforms import identity_grid, sample
 
 
 def check_image(img: Image, name: str) -> None:
@@ -30,32 +28,17 @@ def check_image(img: Image, name: str) -> None:
 
 
 def check_pair(fixed: Image, moving: Image) -> None:
+    """The one check of a pair before registration: each image, then that they agree in dimension."""
     check_image(fixed, "fixed")
     check_image(moving, "moving")
     if fixed.ndim != moving.ndim:
-        raise InputError(f"fixed image is {fixed.ndim}D but moving image is {moving.ndim}D")
+        raise InputError(f"fixed image is {fixed.ndim}D {fixed.shape} but moving image is {moving.ndim}D "
+                         f"{moving.shape}; both must be 2D or both 3D")
 
 
 def to_tensor(data: np.ndarray, device, dtype=torch.float32) -> torch.Tensor:
     """(*S) numpy array to a (1, 1, *S) tensor."""
     return torch.as_tensor(np.ascontiguousarray(data), dtype=dtype, device=device)[None, None]
-
-
-def fixed_to_moving_matrix(fixed: Image, moving: Image) -> np.ndarray:
-    return voxel_to_voxel_affine(fixed.affine, moving.affine, fixed.ndim)
-
-
-def resample_into(moving: Image, fixed: Image, order: int = 1, device="cpu") -> np.ndarray:
-    """The moving array sampled on the fixed grid through both affines (identity field)."""
-    A = torch.as_tensor(fixed_to_moving_matrix(fixed, moving), dtype=torch.float32, device=device)
-    nd = fixed.ndim
-    grid = identity_grid(fixed.shape, device)
-    coords = torch.einsum("ab,nb...->na...", A[:nd, :nd], grid) + A[:nd, nd].view(1, nd, *([1] * nd))
-    mode = "nearest" if order == 0 else "bilinear"
-    padding = "zeros"
-    out = sample(to_tensor(moving.data, device), coords, mode=mode, padding_mode=padding)
-    out = out[0, 0].cpu().numpy()
-    return out.astype(moving.data.dtype) if order == 0 else out
 
 
 def normalize_intensity(x: torch.Tensor, low: float = 0.5, high: float = 99.5) -> torch.Tensor:

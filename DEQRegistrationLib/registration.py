@@ -1,54 +1,36 @@
 """register(): the one entry point the CLI, the Slicer module and scripts share.
 
-Pipeline: check inputs -> resample moving into the fixed grid (through both
-affines) and normalise -> pad so every level divides exactly -> for each level
-(coarse to fine) solve z = op(z) with the chosen root solver, upsampling the
-field between levels -> final field on the fixed grid -> warp the *original*
-moving image once, through both affines.
+Pipeline: check inputs -> resample moving into the fixed grid (``Sampler``)
+and normalise -> pad so every level divides exactly -> for each level of the
+plan (``levels``), coarse to fine, solve z = op(z) with the chosen root
+solver, upsampling the field between levels -> final field on the fixed grid
+-> warp the *original* moving image once, through both affines.
 """
 from __future__ import annotations
 
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from . import metrics
 from .checkpoint import load_operator
+from .config import GRADIENT_MAX_STEPS, GRADIENT_TOL, ModelConfig, Settings, make_settings
 from .errors import InputError
-from .geometry import ras_to_lps, voxel_field_to_physical, voxel_to_voxel_affine
+from .geometry import ras_to_lps, voxel_field_to_physical
 from .image import Image
+from .levels import Level, auto_pyramid, plan_levels
 from .operators import GradientUpdate, UpdateOperator
-from .preprocess import check_pair, fixed_to_moving_matrix, normalize_intensity, pad_to_multiple, to_tensor
+from .preprocess import check_pair, normalize_intensity, pad_to_multiple, to_tensor
+from .sampling import Sampler
 from .solvers import solve
-from .transforms import downsample_image, upsample_field, warp
+from .transforms import downsample_image, upsample_field
 
-# Weight-free mode: two levels, 1/4 and 1/2 of the fixed grid, the field
-# upsampled to full resolution at the end. On the OASIS pair a full-resolution
-# third level costs ~10x the time of the other two for little Dice (see README).
-# lam = 0.5: the paper's lam = 1 regularises a *network's* training loss; as a
-# classical energy it over-smooths (Dice 0.58 vs 0.67-0.77 at 0.5-0.25 in 2D).
-GRADIENT_DEFAULTS = dict(factors=None, level_weights=None, max_steps=120, tol=1e-3,
-                         step=1.0, lam=0.5, sigma=1.0, window=5)
-
-
-def auto_factors(shape) -> List[int]:
-    """The weight-free mode's pyramid, coarse to fine, as downsampling factors.
-
-    Large 3D volumes (every side >= 96) finish at half resolution, two levels:
-    (4, 2) for a 160x192x224 brain. Anything smaller finishes at full
-    resolution with up to three levels. A level is kept only if its smallest
-    side still has 12 voxels.
-    """
-    finest = 2 if len(shape) == 3 and min(shape) >= 96 else 1
-    n_levels = 2 if finest == 2 else 3
-    factors = [finest * 2 ** i for i in range(n_levels)]
-    factors = [f for f in factors if f == finest or min(shape) / f >= 12]
-    return factors[::-1]
-LEARNED_DEFAULTS = dict(max_steps=48, tol=1e-3)
+#: what a bare operator object (no stored ModelConfig) runs with
+BARE_OPERATOR_PLAN = dict(solver="anderson", max_steps=48, tol=1e-3)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -71,23 +53,26 @@ class Progress:
     n_levels: int
     residual: float
     seconds: float
-    _field_fn: Callable[[], torch.Tensor] = field(repr=False, default=None)
-    _warp_fn: Callable[[torch.Tensor], np.ndarray] = field(repr=False, default=None)
+    _field: Callable[[], torch.Tensor] = field(repr=False, default=None)
+    _sampler: Sampler = field(repr=False, default=None)
+    _moving: torch.Tensor = field(repr=False, default=None)
 
     def displacement(self) -> np.ndarray:
-        return self._field_fn()[0].cpu().numpy()
+        """The current field, (ndim, *fixed.shape), fixed-grid voxel units."""
+        return self._field()[0].cpu().numpy()
 
     def warped(self) -> np.ndarray:
-        return self._warp_fn(self._field_fn())
+        """The moving image warped by the current field, on the fixed grid."""
+        with torch.no_grad():
+            return self._sampler.image(self._moving, self._field())[0, 0].cpu().numpy()
 
     def jacobian(self) -> np.ndarray:
         return metrics.jacobian_determinant(self.displacement())
 
     def warp_labels(self, labels: np.ndarray) -> np.ndarray:
         """A label map on the moving grid warped (nearest) by the current field: live Dice."""
-        labels = np.asarray(labels)
-        data = torch.as_tensor(labels.astype(np.float32))[None, None]
-        return self._warp_fn(self._field_fn(), data, "nearest").astype(labels.dtype)
+        with torch.no_grad():
+            return self._sampler.labels(np.asarray(labels), self.displacement())
 
 
 @dataclass
@@ -103,181 +88,216 @@ class RegistrationResult:
     final_residual: float
     seconds: float
     device: str
+    settings: Settings   # what was asked
+    plan: "Plan"         # what ran: solver, tolerance, levels and their budgets
     cancelled: bool = False
     warped_labels: Optional[np.ndarray] = None
-    _moving_shape: tuple = ()
+    moving_shape: tuple = ()
 
     def displacement_mm(self, lps: bool = False) -> np.ndarray:
         """(*S, 3) physical displacement in RAS mm (LPS with lps=True)."""
         d = voxel_field_to_physical(self.displacement, self.fixed_affine)
         return ras_to_lps(d).astype(np.float32) if lps else d
 
-    def _apply(self, data: np.ndarray, order: int) -> np.ndarray:
+    @property
+    def sampler(self) -> Sampler:
+        return Sampler(self.displacement.shape[1:], self.fixed_affine, self.moving_affine)
+
+    def warp(self, data: np.ndarray, order: int = 1) -> np.ndarray:
+        """Apply the result to another array on the moving grid: order 1 linear, 0 nearest (labels)."""
         data = np.asarray(data)
-        if data.shape != self._moving_shape:
-            raise InputError(f"array shape {data.shape} does not match the moving image {self._moving_shape}")
-        A = voxel_to_voxel_affine(self.fixed_affine, self.moving_affine, self.displacement.shape[0])
-        disp = torch.as_tensor(self.displacement)[None]
+        if data.shape != tuple(self.moving_shape):
+            raise InputError(f"array shape {data.shape} does not match the moving image {tuple(self.moving_shape)}")
         with torch.no_grad():
-            out = warp(to_tensor(data, "cpu"), disp, mode="nearest" if order == 0 else "bilinear",
-                       padding_mode="zeros", fixed_to_moving=A)[0, 0].numpy()
-        return out.astype(data.dtype) if order == 0 else out.astype(np.float32)
-
-    def warp_image(self, data: np.ndarray) -> np.ndarray:
-        return self._apply(data, 1)
-
-    def warp_labels(self, labels: np.ndarray) -> np.ndarray:
-        return self._apply(labels, 0)
+            return self.sampler.resample(data, self.displacement, order=order)
 
 
-def _make_operator(update: str, model, shape: tuple, options: dict):
-    """The operator and its level plan for the requested mode."""
-    ndim = len(shape)
-    if update not in ("learned", "gradient", "hybrid"):
-        raise InputError(f"unknown update mode {update!r}; choose learned, gradient or hybrid")
-    if isinstance(model, str) and model.lower() == "none":
-        model = None
-    if update == "gradient":
-        cfg = {**GRADIENT_DEFAULTS, **{k: v for k, v in options.items() if k in GRADIENT_DEFAULTS}}
-        op = GradientUpdate(step=cfg["step"], lam=cfg["lam"], sigma=cfg["sigma"], window=cfg["window"])
-        factors = list(cfg["factors"] or auto_factors(shape))
-        return op, dict(factors=factors, level_weights=list(cfg["level_weights"] or [1] * len(factors)),
-                        max_steps=cfg["max_steps"], tol=cfg["tol"], multiple=1)
-    if model is None:
-        model = "default"
+def make_operator(settings: Settings, ndim: int) -> Tuple[UpdateOperator, Optional[ModelConfig]]:
+    """The update operator ``settings`` asks for, and the config of a trained one."""
+    if settings.update == "gradient":
+        op = GradientUpdate(step_size=settings.step_size, diffusion_weight=settings.diffusion_weight,
+                            sigma=settings.sigma, window=settings.window, similarity=settings.similarity)
+        return op, None
+    model = "default" if settings.model is None else settings.model
     if isinstance(model, UpdateOperator):
-        op, cfg = model, dict(getattr(model, "config", {}))
+        op, config = model, getattr(model, "config", None)
+        if config is not None and config.ndim != ndim:
+            raise InputError(f"the model is for {config.ndim}D images, the input is {ndim}D")
     else:
-        op, cfg = load_operator(str(model), ndim)
-    if update != cfg.get("update", op.kind):
-        raise InputError(f"update mode {update!r} does not match the model, which is {cfg.get('update', op.kind)!r}")
-    # a model may carry its own coarse-to-fine pyramid ("factors"); else one level
-    factors = [int(f) for f in (cfg.get("factors") or [cfg.get("factor", 1)])]
-    multiple = op.net.multiple if hasattr(op, "net") else 1
-    weights = list(cfg.get("level_weights") or [1] * len(factors))
-    return op, dict(factors=factors, level_weights=weights, max_steps=cfg.get("max_steps", LEARNED_DEFAULTS["max_steps"]),
-                    tol=cfg.get("tol", LEARNED_DEFAULTS["tol"]), multiple=multiple)
+        op, config = load_operator(str(model), ndim)
+    if op.update != settings.update:
+        raise InputError(f"update {settings.update!r} does not match the model, which is {op.update!r}")
+    return op, config
 
 
-def _split_budget(total: int, weights) -> List[int]:
-    w = np.asarray(weights, dtype=float)
-    steps = np.maximum(1, np.floor(total * w / w.sum())).astype(int)
-    steps[-1] += max(0, total - steps.sum())
-    return steps.tolist()
+@dataclass(frozen=True)
+class Plan:
+    """How the solve runs: solver, tolerance and levels (budget already split)."""
+    solver: str
+    tol: float
+    levels: List[Level]
+    multiple: int  # every working grid must divide by this (the U-Net's)
+
+    @property
+    def max_steps(self) -> int:
+        return sum(level.steps for level in self.levels)
+
+    def as_dict(self) -> dict:
+        return dict(solver=self.solver, tol=self.tol, max_steps=self.max_steps,
+                    levels=[dict(factor=lv.factor, steps=lv.steps) for lv in self.levels])
 
 
-def register(fixed: Image, moving: Image, *, update: str = "gradient", model=None, solver: str = "anderson",
-             max_steps: Optional[int] = None, tol: Optional[float] = None, device: str = "auto",
+def make_plan(settings: Settings, op: UpdateOperator, config: Optional[ModelConfig], shape) -> Plan:
+    """Settings first, then the model's stored values, then the mode's defaults."""
+    if settings.update == "gradient":
+        defaults = dict(solver="anderson", max_steps=GRADIENT_MAX_STEPS, tol=GRADIENT_TOL,
+                        pyramid=auto_pyramid(shape), level_weights=None)
+    elif config is not None:
+        defaults = dict(solver=config.solver, max_steps=config.max_steps, tol=config.tol,
+                        pyramid=config.pyramid, level_weights=config.level_weights)
+    else:
+        defaults = dict(BARE_OPERATOR_PLAN, pyramid=[1], level_weights=None)
+
+    def pick(name):
+        value = getattr(settings, name)
+        return defaults[name] if value is None else value
+
+    pyramid = [int(f) for f in pick("pyramid")]
+    weights = pick("level_weights")
+    if settings.pyramid is not None and settings.level_weights is None:
+        weights = None  # the caller's pyramid: equal split unless told otherwise
+    if weights is not None and len(weights) != len(pyramid):
+        raise InputError(f"level_weights has {len(weights)} entries but the pyramid {pyramid} has {len(pyramid)}")
+    levels = plan_levels(pyramid, int(pick("max_steps")), weights)
+    return Plan(solver=pick("solver"), tol=float(pick("tol")), levels=levels,
+                multiple=getattr(getattr(op, "net", None), "multiple", 1))
+
+
+def register(fixed: Image, moving: Image, settings: Optional[Settings] = None, *,
              callback: Optional[Callable[[Progress], Optional[bool]]] = None,
-             moving_labels: Optional[np.ndarray] = None, cpu_fallback: bool = True,
-             **options) -> RegistrationResult:
-    """Register ``moving`` to ``fixed``; see docs/API.md for every argument and field.
+             moving_labels: Optional[np.ndarray] = None,
+             on_fallback: Optional[Callable[[str], None]] = None,
+             **overrides) -> RegistrationResult:
+    """Register ``moving`` to ``fixed``; see docs/API.md for every setting and field.
 
-    ``options`` overrides the gradient mode's settings (``factors``, ``step``,
-    ``lam``, ``sigma``, ``window``, ``level_weights``). With ``cpu_fallback``
-    a CUDA out-of-memory error reruns the whole registration on the CPU (the
-    callback then sees step 1 again); callers that keep per-step state, like
-    the Slicer module, pass False and handle the retry themselves.
+    ``settings`` (a ``config.Settings``) and/or keyword overrides of its
+    fields; an unknown name raises ``InputError`` listing the valid ones.
+    ``callback(progress)`` runs after every solver step; returning True stops
+    the solve and the state reached is the result. When the GPU runs out of
+    memory and ``settings.cpu_fallback`` is on, the whole registration reruns
+    on the CPU: ``on_fallback(message)`` is called first (the callback then
+    sees step 1 again).
     """
+    settings = make_settings(settings, **overrides)
     check_pair(fixed, moving)
     if moving_labels is not None and np.shape(moving_labels) != moving.shape:
-        raise InputError(f"moving label map shape {np.shape(moving_labels)} does not match the moving image {moving.shape}")
-    dev = resolve_device(device)
+        raise InputError(f"moving label map shape {np.shape(moving_labels)} does not match the moving image "
+                         f"{moving.shape}")
+    device = resolve_device(settings.device)
+
+    def run(dev):
+        return _Registration(fixed, moving, settings, dev, callback, moving_labels).run()
+
+    return run_with_cpu_fallback(run, device, settings.cpu_fallback, on_fallback)
+
+
+def run_with_cpu_fallback(run: Callable[[torch.device], object], device: torch.device, enabled: bool = True,
+                          on_fallback: Optional[Callable[[str], None]] = None):
+    """``run(device)``; on CUDA out-of-memory (and ``enabled``) ``run(cpu)`` after ``on_fallback(message)``."""
     try:
-        return _register(fixed, moving, update, model, solver, max_steps, tol, dev, callback, moving_labels, options)
+        return run(device)
     except torch.cuda.OutOfMemoryError:
-        if dev.type != "cuda" or not cpu_fallback:
+        if device.type != "cuda" or not enabled:
             raise
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        warnings.warn("GPU out of memory; registering on the CPU instead")
-        return _register(fixed, moving, update, model, solver, max_steps, tol, torch.device("cpu"), callback,
-                         moving_labels, options)
+    message = "GPU out of memory; registering on the CPU instead"
+    warnings.warn(message)
+    if on_fallback is not None:
+        on_fallback(message)
+    return run(torch.device("cpu"))
 
 
-def _register(fixed, moving, update, model, solver, max_steps, tol, dev, callback, moving_labels, options):
-    t0 = time.perf_counter()
-    ndim = fixed.ndim
-    op, plan = _make_operator(update, model, fixed.shape, options)
-    op = op.to(dev)
-    budget = int(max_steps if max_steps is not None else plan["max_steps"])
-    if budget < 1:
-        raise InputError("max_steps must be at least 1")
-    tol = float(tol if tol is not None else plan["tol"])
-    factors = plan["factors"]
-    per_level = _split_budget(budget, plan["level_weights"]) if len(factors) > 1 else [budget]
+class _Registration:
+    """One run of the pipeline on one device; ``run()`` returns the result."""
 
-    A = fixed_to_moving_matrix(fixed, moving)
-    moving_t = to_tensor(moving.data.astype(np.float32, copy=False), dev)
-    with torch.no_grad():
-        fixed_n = normalize_intensity(to_tensor(fixed.data.astype(np.float32, copy=False), dev))
-        moving_in_fixed = warp(moving_t, torch.zeros(1, ndim, *fixed.shape, device=dev), padding_mode="zeros",
-                               fixed_to_moving=A)
-        moving_n = normalize_intensity(moving_in_fixed)
-        multiple = max(factors) * plan["multiple"]
-        fixed_p, crop = pad_to_multiple(fixed_n, multiple)
-        moving_p, _ = pad_to_multiple(moving_n, multiple)
+    def __init__(self, fixed: Image, moving: Image, settings: Settings, device: torch.device,
+                 callback, moving_labels):
+        self.fixed, self.moving, self.settings, self.device = fixed, moving, settings, device
+        self.callback, self.moving_labels = callback, moving_labels
+        op, config = make_operator(settings, fixed.ndim)
+        self.op = op.to(device)
+        self.plan = make_plan(settings, op, config, fixed.shape)
+        self.sampler = Sampler.between(fixed, moving)
+        self.moving_t = to_tensor(moving.data.astype(np.float32, copy=False), device)
+        self.trace: List[dict] = []
+        self.t0 = time.perf_counter()
 
-    def full_field(z: torch.Tensor, factor: int) -> torch.Tensor:
-        return upsample_field(z, factor)[crop]
-
-    def warp_moving(disp: torch.Tensor, data=moving_t, mode="bilinear") -> np.ndarray:
-        data = data.to(dev)
+    def _prepare(self) -> Tuple[torch.Tensor, torch.Tensor, tuple]:
+        """Normalised fixed and moving-in-fixed images, padded so every level divides; the crop undoing it."""
         with torch.no_grad():
-            return warp(data, disp, mode=mode, padding_mode="zeros", fixed_to_moving=A)[0, 0].cpu().numpy()
+            fixed_n = normalize_intensity(to_tensor(self.fixed.data.astype(np.float32, copy=False), self.device))
+            moving_n = normalize_intensity(self.sampler.image(self.moving_t))
+            multiple = max(level.factor for level in self.plan.levels) * self.plan.multiple
+            fixed_p, crop = pad_to_multiple(fixed_n, multiple)
+            moving_p, _ = pad_to_multiple(moving_n, multiple)
+        return fixed_p, moving_p, crop
 
-    trace: List[dict] = []
-    state = dict(step=0, stopped=False, converged=False, residual=float("nan"))
-    z = None
-    prev_factor = None
-    for level, (factor, steps) in enumerate(zip(factors, per_level)):
+    def _full(self, z: torch.Tensor, factor: int) -> torch.Tensor:
+        """A working-grid field as a field on the whole fixed grid."""
+        return upsample_field(z, factor)[self.crop]
+
+    def _on_step(self, level_index: int, factor: int, residual: float, z: torch.Tensor) -> bool:
+        step = len(self.trace) + 1
+        seconds = time.perf_counter() - self.t0
+        self.trace.append(dict(step=step, level=level_index, residual=residual, seconds=seconds))
+        if self.callback is None:
+            return False
+        progress = Progress(step, self.plan.max_steps, level_index, len(self.plan.levels), residual, seconds,
+                            _field=lambda: self._full(z, factor), _sampler=self.sampler, _moving=self.moving_t)
+        return bool(self.callback(progress))
+
+    def run(self) -> RegistrationResult:
+        ndim = self.fixed.ndim
+        fixed_p, moving_p, self.crop = self._prepare()
+        z, prev, converged, stopped = None, None, False, False
+        for index, level in enumerate(self.plan.levels):
+            with torch.no_grad():
+                fl = downsample_image(fixed_p, level.factor)
+                ml = downsample_image(moving_p, level.factor)
+                z = (torch.zeros(1, ndim, *fl.shape[2:], device=self.device) if z is None
+                     else upsample_field(z, prev // level.factor))
+                res = solve(lambda zz: self.op(zz, fl, ml), z, self.plan.solver, max_steps=level.steps,
+                            tol=self.plan.tol,
+                            callback=lambda _, r, zc, i=index, f=level.factor: self._on_step(i, f, r, zc))
+            z, prev, converged = res.z, level.factor, res.converged
+            if res.stopped:
+                stopped = True
+                break
+        return self._result(self._full(z, prev), converged, stopped)
+
+    def _result(self, disp: torch.Tensor, converged: bool, stopped: bool) -> RegistrationResult:
         with torch.no_grad():
-            fl = downsample_image(fixed_p, factor)
-            ml = downsample_image(moving_p, factor)
-            z = torch.zeros(1, ndim, *fl.shape[2:], device=dev) if z is None else upsample_field(z, prev_factor // factor)
-
-        def f(zz, fl=fl, ml=ml):
-            return op(zz, fl, ml)
-
-        def on_step(step, residual, zcur, level=level, factor=factor):
-            state["step"] += 1
-            state["residual"] = residual
-            seconds = time.perf_counter() - t0
-            trace.append(dict(step=state["step"], level=level, residual=residual, seconds=seconds))
-            if callback is None:
-                return False
-            progress = Progress(state["step"], budget, level, len(factors), residual, seconds,
-                                _field_fn=lambda: full_field(zcur, factor), _warp_fn=warp_moving)
-            return bool(callback(progress))
-
-        with torch.no_grad():
-            res = solve(f, z, solver, max_steps=steps, tol=tol, callback=on_step)
-        z, prev_factor = res.z, factor
-        state["converged"] = res.converged
-        if res.stopped:
-            state["stopped"] = True
-            break
-
-    with torch.no_grad():
-        disp = full_field(z, prev_factor)
-        warped = warp_moving(disp)
+            warped = self.sampler.image(self.moving_t, disp)[0, 0].cpu().numpy()
+        disp_np = disp[0].cpu().numpy().astype(np.float32)
         warped_labels = None
-        if moving_labels is not None:
-            lab = np.asarray(moving_labels)
-            warped_labels = warp_moving(disp, to_tensor(lab.astype(np.float32), dev), mode="nearest").astype(lab.dtype)
-    disp_np = disp[0].cpu().numpy().astype(np.float32)
-    return RegistrationResult(
-        warped=Image(warped.astype(np.float32), fixed.affine.copy()),
-        displacement=disp_np,
-        fixed_affine=fixed.affine.copy(),
-        moving_affine=moving.affine.copy(),
-        jacobian=metrics.jacobian_determinant(disp_np),
-        trace=trace,
-        steps=state["step"],
-        converged=bool(state["converged"]),
-        final_residual=float(state["residual"]),
-        seconds=time.perf_counter() - t0,
-        device=str(dev),
-        cancelled=bool(state["stopped"]),
-        warped_labels=warped_labels,
-        _moving_shape=tuple(moving.shape),
-    )
+        if self.moving_labels is not None:
+            warped_labels = self.sampler.labels(np.asarray(self.moving_labels), disp_np)
+        return RegistrationResult(
+            warped=Image(warped.astype(np.float32), self.fixed.affine.copy()),
+            displacement=disp_np,
+            fixed_affine=self.fixed.affine.copy(),
+            moving_affine=self.moving.affine.copy(),
+            jacobian=metrics.jacobian_determinant(disp_np),
+            trace=self.trace,
+            steps=len(self.trace),
+            converged=bool(converged),
+            final_residual=float(self.trace[-1]["residual"]) if self.trace else float("nan"),
+            seconds=time.perf_counter() - self.t0,
+            device=str(self.device),
+            settings=self.settings,
+            plan=self.plan,
+            cancelled=stopped,
+            warped_labels=warped_labels,
+            moving_shape=tuple(self.moving.shape),
+        )

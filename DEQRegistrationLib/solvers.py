@@ -6,9 +6,8 @@ that can stop the solve (live display, Cancel), a residual that is relative
 per batch item, and the *last* iterate returned (so what a viewer showed last
 is the result), with every requested state present even after an early stop.
 
-Residual: r(z) = ||f(z) - z|| / ||f(z)||, per batch item, maximum over the
-batch. At the fixed point it equals ||f(z) - z|| / ||z||; unlike that form it
-is finite at the usual zero initial field.
+Residual: see ``RESIDUAL_DEFINITION`` (the CLI, the Slicer module and the
+docs quote it from there).
 """
 from __future__ import annotations
 
@@ -18,6 +17,10 @@ from typing import Callable, List, Optional
 import torch
 
 Callback = Callable[[int, float, torch.Tensor], Optional[bool]]
+
+#: the relative residual every solver reports and every tolerance applies to
+RESIDUAL_DEFINITION = ("||f(z) - z|| / ||f(z)||, per batch item, maximum over the batch (near the fixed point "
+                       "this equals ||f(z) - z|| / ||z||; unlike that form it is finite at the zero initial field)")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class SolverResult:
 
 
 def relative_residual(fz: torch.Tensor, z: torch.Tensor) -> float:
+    """``RESIDUAL_DEFINITION``."""
     diff = (fz - z).flatten(1).norm(dim=1)
     scale = fz.flatten(1).norm(dim=1).clamp_min(1e-12)
     return float((diff / scale).max())
@@ -83,11 +87,11 @@ def fixed_point_iteration(f, z0: torch.Tensor, max_steps: int = 48, tol: float =
 
 def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
              callback: Optional[Callback] = None, memory: int = 5, beta: float = 1.0,
-             lam: float = 1e-4, record_at=None) -> SolverResult:
+             ridge: float = 1e-4, record_at=None) -> SolverResult:
     """Anderson acceleration (type II) with a *relative* Tikhonov term.
 
-    The least-squares system H = G G^T is regularised by lam * mean(diag(H)),
-    not by an absolute lam: displacement residuals are tiny, and an absolute
+    The least-squares system H = G G^T is regularised by ridge * mean(diag(H)),
+    not by an absolute ridge: displacement residuals are tiny, and an absolute
     1e-4 stalls the solver (a known TorchDEQ trap). A step whose residual
     jumps far above the best seen restarts the history from the best iterate,
     which keeps the method safe on non-contractive early-training maps.
@@ -125,12 +129,12 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
         k = min(count, memory)
         G = Fx[:, :k] - X[:, :k]
         H = torch.bmm(G, G.transpose(1, 2))
-        reg = lam * H.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)
+        reg = ridge * H.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)
         H = H + reg.view(B, 1, 1) * torch.eye(k, dtype=H.dtype, device=H.device)
         ones = torch.ones(B, k, 1, dtype=H.dtype, device=H.device)
         try:
             w = torch.linalg.solve(H, ones)
-        except RuntimeError:  # singular despite regularisation: plain step
+        except RuntimeError:  # singular despite the ridge: equal weights, the mean of the history
             w = ones
         alpha = w / w.sum(1, keepdim=True)
         mix_f = torch.bmm(alpha.transpose(1, 2), Fx[:, :k]).squeeze(1)
@@ -153,7 +157,7 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
     return SolverResult(fz, step, converged, stopped, residuals, rec.states)
 
 
-SOLVERS = {"anderson": anderson, "fixed-point": fixed_point_iteration, "fixed_point": fixed_point_iteration}
+SOLVERS = {"anderson": anderson, "fixed-point": fixed_point_iteration}
 
 
 def solve(f, z0: torch.Tensor, method: str = "anderson", **kwargs) -> SolverResult:

@@ -1,13 +1,14 @@
-"""Spatial transforms on tensors: warp, compose, resize displacement fields.
+"""Spatial transforms on tensors that share one grid: warp, resize displacement fields.
 
 Fields are (B, ndim, *S) in voxel units of the grid they are defined on
 (see ``geometry``); images and label maps are (B, C, *S). Everything is
 dimension-agnostic (2D or 3D) and batched; no Python loops over voxels.
+Sampling across two grids (moving data at fixed voxels) is ``sampling.Sampler``.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,47 +46,22 @@ def sample(image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear",
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
-def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border",
-         fixed_to_moving: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Resample ``image`` at x + disp(x) for every voxel x of the field's grid.
-
-    Without ``fixed_to_moving`` the image lives on the field's grid. With it,
-    an (ndim+1)x(ndim+1) voxel-to-voxel matrix (see
-    ``geometry.voxel_to_voxel_affine``), the image is the original moving
-    image on its own grid, and warping through both affines costs a single
-    interpolation.
-    """
+def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
+    """Resample ``image`` (on the field's grid) at x + disp(x) for every voxel x."""
     coords = identity_grid(disp.shape[2:], disp.device, disp.dtype) + disp
-    if fixed_to_moving is not None:
-        ndim = disp.shape[1]
-        A = torch.as_tensor(fixed_to_moving, dtype=disp.dtype, device=disp.device)
-        coords = torch.einsum("ab,nb...->na...", A[:ndim, :ndim], coords) + A[:ndim, ndim].view(1, ndim, *([1] * ndim))
     return sample(image, coords, mode=mode, padding_mode=padding_mode)
-
-
-def compose(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
-    """The field w with warp(warp(m, first), then) == warp(m, w).
-
-    w(x) = then(x) + first(x + then(x)); both fields on the same grid.
-    """
-    return then + warp(first, then)
 
 
 def downsample_image(image: torch.Tensor, factor: int) -> torch.Tensor:
     """Average-pool an image (B, C, *S) by an integer factor (S divisible by it).
 
     Coarse voxel c then sits at fine position factor * c + (factor - 1) / 2,
-    the convention ``upsample_field`` and ``downsample_field`` share.
+    the convention ``upsample_field`` follows.
     """
     if factor == 1:
         return image
     pool = F.avg_pool3d if image.dim() == 5 else F.avg_pool2d
     return pool(image, kernel_size=factor, stride=factor)
-
-
-def downsample_field(disp: torch.Tensor, factor: int) -> torch.Tensor:
-    """A voxel-unit field on the grid coarser by ``factor`` (values divided by it)."""
-    return downsample_image(disp, factor) / factor if factor != 1 else disp
 
 
 def upsample_field(disp: torch.Tensor, factor: int) -> torch.Tensor:

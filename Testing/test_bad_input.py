@@ -103,7 +103,7 @@ def test_default_model_missing(tmp_path, pair3d, capsys, monkeypatch):
     monkeypatch.setattr(checkpoint, "MODELS_DIR", tmp_path / "models")
     out = tmp_path / "out"
     code, err = _run(capsys, ["register", pair3d["fixed"], pair3d["moving"], "--model", "default", "--out", out])
-    _assert_one_line_error(code, err, out, "no default 3D model is shipped")
+    _assert_one_line_error(code, err, out, "no default 3D model is installed")
 
 
 def test_missing_subcommand_and_unknown_option(tmp_path, capsys):

@@ -15,7 +15,7 @@ from DEQRegistrationLib.cli import main
 OUTPUTS = {"warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "folding_mask.nii.gz", "warped_seg.nii.gz",
            "convergence.csv", "metrics.json"}
 METRIC_KEYS = {"dice_before", "dice_mean", "dice_per_label", "hd95", "folding_percent", "std_log_jacobian",
-               "tre_mm", "tre_before_mm", "steps", "converged", "final_residual", "seconds", "device", "options"}
+               "tre_mm", "tre_before_mm", "steps", "converged", "final_residual", "seconds", "device", "settings", "plan"}
 
 
 def _leftovers(out):
@@ -64,8 +64,8 @@ def test_metrics_json(run3d):
     assert m["tre_before_mm"] == pytest.approx(1.5 * np.sqrt(1.5 ** 2 + 1 + 1), rel=1e-6)
     assert m["tre_mm"] < m["tre_before_mm"]
     assert 0 <= m["folding_percent"] < 1
-    assert m["options"]["model"] == "none" and m["options"]["update"] == "gradient"
-    assert m["options"]["max_steps"] == 12 and m["options"]["solver"] == "anderson"
+    assert m["settings"]["model"] is None and m["settings"]["update"] == "gradient"
+    assert m["settings"]["max_steps"] == 12 and m["plan"]["max_steps"] == 12 and m["plan"]["solver"] == "anderson"
 
 
 def test_output_files_formats(run3d):
@@ -179,7 +179,7 @@ def test_2d_hw1_run(pair2d, tmp_path, capsys):
     assert nib.load(str(out / "displacement.nii.gz")).shape == (32, 32, 1, 1, 3)
     assert nib.load(str(out / "warped.nii.gz")).shape == (32, 32, 1)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["options"]["solver"] == "fixed-point"
+    assert m["settings"]["solver"] == m["plan"]["solver"] == "fixed-point"
     assert m["dice_mean"] > m["dice_before"]
 
 

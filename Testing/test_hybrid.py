@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from DEQRegistrationLib import losses
-from DEQRegistrationLib.checkpoint import save_checkpoint
+from DEQRegistrationLib.checkpoint import read_checkpoint, save_checkpoint
 from DEQRegistrationLib.cli import resolve_model
 from DEQRegistrationLib.image import Image
 from DEQRegistrationLib.operators import GradientUpdate
@@ -17,7 +17,7 @@ from Training.methods import TrainStep, build_operator, make_config
 
 
 def _hybrid(ndim=2, **kw):
-    cfg = make_config("deqreg", ndim, enc=(4, 8, 8), dec=(8, 8, 4), update="hybrid", op_lam=0.5,
+    cfg = make_config("deqreg", ndim, enc=(4, 8, 8), dec=(8, 8, 4), update="hybrid", diffusion_weight=0.5,
                       max_steps=6, n_states=2, phantom_k=2, **kw)
     return build_operator(cfg), cfg
 
@@ -33,11 +33,11 @@ def test_hybrid_with_zero_head_is_exactly_gradient_mode():
     fixed, moving = to_working_grid(_sample(), 1, 8, prefactored=True)
     z = 0.5 * torch.randn(1, 2, *fixed.shape[2:])
     with torch.no_grad():
-        expected = GradientUpdate(step=1.0, lam=0.5, sigma=1.0)(z, fixed, moving)
+        expected = GradientUpdate(step_size=1.0, diffusion_weight=0.5, sigma=1.0)(z, fixed, moving)
         got = op(z, fixed, moving)
     assert torch.allclose(got, expected, atol=1e-6)
-    # and the diffusion term matters: lam 0 gives a different step
-    op.lam = 0.0
+    # and the diffusion term matters: weight 0 gives a different step
+    op.diffusion_weight = 0.0
     with torch.no_grad():
         assert not torch.allclose(op(z, fixed, moving), expected, atol=1e-4)
 
@@ -83,8 +83,8 @@ def test_hybrid_training_step_with_label_loss_has_finite_gradients():
 
 
 def test_register_runs_the_pyramid_a_model_stores(tmp_path):
-    op, cfg = _hybrid(factors=[2, 1])
-    cfg["max_steps"] = 10
+    op, cfg = _hybrid(pyramid=[2, 1])
+    cfg.max_steps = 10
     path = tmp_path / "hybrid.pt"
     save_checkpoint(path, op, cfg)
     s = _sample(size=48, seed=2)
@@ -101,12 +101,12 @@ def test_train_cli_stores_hybrid_settings_and_logs_the_label_loss(tmp_path):
     from Training import train
 
     out = tmp_path / "run"
-    train.main(["--method", "deqreg", "--update", "hybrid", "--op-lam", "0.4", "--factors", "2", "1",
+    train.main(["--method", "deqreg", "--update", "hybrid", "--op-diffusion-weight", "0.4", "--pyramid", "2", "1",
                 "--label-weight", "0.5", "--data", "synthetic", "--ndim", "2", "--shape", "32", "32",
                 "--enc", "4", "8", "8", "--dec", "8", "8", "4", "--max-steps", "4", "--n-states", "2",
                 "--phantom-k", "2", "--steps", "2", "--out", str(out), "--no-progress"])
-    cfg = torch.load(out / "last.pt", weights_only=True)["config"]
-    assert (cfg["update"], cfg["op_lam"], cfg["factors"], cfg["label_weight"]) == ("hybrid", 0.4, [2, 1], 0.5)
+    cfg = read_checkpoint(out / "last.pt")["config"]
+    assert (cfg.update, cfg.diffusion_weight, cfg.pyramid, cfg.training.label_weight) == ("hybrid", 0.4, [2, 1], 0.5)
     rows = (out / "log.csv").read_text().strip().splitlines()
     assert rows[0].endswith("dice_loss") and len(rows) == 3
     assert all(0 < float(r.split(",")[-1]) < 1 for r in rows[1:])
@@ -119,8 +119,9 @@ def test_export_sets_inference_budget_and_drops_training_state(tmp_path):
     src, dst = tmp_path / "last.pt", tmp_path / "model.pt"
     save_checkpoint(src, op, cfg, optimizer={"x": 1}, step=7)
     train.main(["export", str(src), str(dst), "--max-steps", "120", "--tol", "0.002"])
-    payload = torch.load(dst, weights_only=True)
+    payload = read_checkpoint(dst)
     assert "optimizer" not in payload
-    assert (payload["config"]["max_steps"], payload["config"]["tol"]) == (120, 0.002)
-    assert payload["config"]["trained_optimizer_steps"] == 7
-    assert payload["config"]["trained_steps"] == 6  # what it was trained with stays on record
+    cfg = payload["config"]
+    assert (cfg.max_steps, cfg.tol) == (120, 0.002)
+    assert cfg.training.optimizer_steps == 7
+    assert cfg.trained_steps == 6  # what it was trained with stays on record

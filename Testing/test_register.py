@@ -45,7 +45,7 @@ def test_known_translation_recovered_in_mm_on_oblique_anisotropic_grids():
     t = np.array([1.5, -1.0, 1.2])
     fixed = Image(render(fshape, Af), Af)
     moving = Image(render(mshape, Am, shift_mm=t), Am)
-    res = register(fixed, moving, update="gradient", max_steps=150, device="cpu", factors=(2, 1))
+    res = register(fixed, moving, update="gradient", max_steps=150, device="cpu", pyramid=(2, 1))
     d = res.displacement_mm()
     core = d[6:-6, 6:-6, 5:-5].reshape(-1, 3)
     np.testing.assert_allclose(np.median(core, axis=0), t, atol=0.3)
@@ -116,12 +116,14 @@ def test_labels_are_warped_with_nearest_neighbour():
                    Image(m, np.eye(4)), moving_labels=labels, max_steps=30, device="cpu")
     assert res.warped_labels.dtype == np.uint8
     assert set(np.unique(res.warped_labels)) <= {0, 7}
-    np.testing.assert_array_equal(res.warp_labels(labels), res.warped_labels)
+    np.testing.assert_array_equal(res.warp(labels, order=0), res.warped_labels)
+    # intensities through the same mapping: the result's own warped image
+    np.testing.assert_allclose(res.warp(m), res.warped.data, atol=1e-6)
 
 
 @pytest.mark.parametrize("make, match", [
     (lambda: (Image(np.zeros((8, 8, 8)), np.eye(4)), Image(np.random.rand(8, 8, 8), np.eye(4))), "constant"),
-    (lambda: (Image(np.random.rand(8, 8), np.eye(4)), Image(np.random.rand(8, 8, 8), np.eye(4))), "2D but moving"),
+    (lambda: (Image(np.random.rand(8, 8), np.eye(4)), Image(np.random.rand(8, 8, 8), np.eye(4))), "2D .* but moving"),
     (lambda: (Image(np.full((8, 8), np.nan), np.eye(4)), Image(np.random.rand(8, 8), np.eye(4))), "NaN"),
     (lambda: (Image(np.random.rand(4, 4, 4, 2), np.eye(4)), Image(np.random.rand(4, 4, 4, 2), np.eye(4))), "4 dimensions"),
 ])
@@ -133,7 +135,65 @@ def test_bad_inputs_raise_input_error(make, match):
 
 def test_bad_options_raise_input_error():
     img = Image(np.random.rand(8, 8).astype(np.float32), np.eye(4))
-    with pytest.raises(InputError, match="update mode"):
+    with pytest.raises(InputError, match="unknown update 'magic'"):
         register(img, img, update="magic")
     with pytest.raises(InputError, match="max_steps"):
         register(img, img, max_steps=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lamda=0.1), r"unknown setting\(s\) 'lamda'; valid settings: .*diffusion_weight"),
+    (dict(factors=(2, 1)), r"unknown setting\(s\) 'factors'.*pyramid"),
+    (dict(update="learned", model="default", diffusion_weight=0.1), "diffusion_weight set the gradient update"),
+    (dict(model="some.pt"), "gradient update has no weights"),
+    (dict(pyramid=(1, 2)), "coarse to fine"),
+    (dict(pyramid=(2, 1), level_weights=(1,)), "level_weights has 1 entries"),
+    (dict(window=4), "odd"),
+    (dict(solver="newton"), "unknown solver"),
+])
+def test_unknown_or_inconsistent_settings_are_refused_by_name(kwargs, match):
+    """Nothing is silently ignored: a typo or a setting the mode cannot use raises, naming it."""
+    img = Image(np.random.rand(8, 8).astype(np.float32), np.eye(4))
+    with pytest.raises(InputError, match=match):
+        register(img, img, device="cpu", **kwargs)
+
+
+def test_max_steps_below_the_number_of_levels_runs_exactly_that_many():
+    img = Image(textured((48, 48)), np.eye(4))
+    seen = []
+    res = register(img, Image(np.roll(img.data, 1, 0), np.eye(4)), max_steps=1, tol=0, pyramid=(4, 2, 1),
+                   device="cpu", callback=lambda p: seen.append((p.step, p.max_steps, p.n_levels)))
+    assert res.steps == 1 and seen == [(1, 1, 1)]
+    assert res.plan.max_steps == 1 and [lv.factor for lv in res.plan.levels] == [4]
+    assert res.displacement.shape == (2, 48, 48)
+
+
+def test_cpu_fallback_reruns_on_the_cpu_and_tells_the_caller(monkeypatch):
+    """A CUDA out-of-memory error (simulated: no GPU here) reruns the whole registration on the CPU."""
+    import torch
+    from DEQRegistrationLib import registration
+
+    img = Image(textured((32, 32)), np.eye(4))
+    devices, told = [], []
+    real = registration._Registration.run
+
+    def run(self):
+        devices.append(self.device.type)
+        if self.device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self)
+
+    # _Registration runs its operator on the device it is given; give it "cuda" for the first attempt
+    monkeypatch.setattr(registration, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(registration._Registration, "run", run)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+    to_tensor = registration.to_tensor
+    monkeypatch.setattr(registration, "to_tensor", lambda data, device, dtype=torch.float32: to_tensor(data, "cpu", dtype))
+    with pytest.warns(UserWarning, match="out of memory"):
+        res = register(img, Image(np.roll(img.data, 1, 0), np.eye(4)), max_steps=3, on_fallback=told.append)
+    assert devices == ["cuda", "cpu"] and res.device == "cpu" and res.steps == 3
+    assert told == ["GPU out of memory; registering on the CPU instead"]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        register(img, img, max_steps=3, cpu_fallback=False)
+    assert devices[-1] == "cuda"
+

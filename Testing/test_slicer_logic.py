@@ -285,29 +285,34 @@ def test_single_slice_volumes_register_in_2d():
 
 
 def test_gpu_request_without_gpu_and_out_of_memory_fall_back_to_cpu(monkeypatch):
+    """The library's one CPU fallback (simulated CUDA out-of-memory: no GPU here) reaches the logic's hook,
+    which restarts the live tables."""
     import torch
     import DEQRegistrationLib.registration as core
     slicer.mrmlScene = slicer.vtkMRMLScene()
     fixed, moving = make_pair()
-    real = core.register
+    real_run = core._Registration.run
     devices = []
 
-    def flaky(fixed, moving, device="auto", **kw):
-        devices.append(device)
-        if device != "cpu":
-            # a partial run, then CUDA runs out of memory
-            kw["callback"](core.Progress(1, 4, 0, 1, 0.5, 0.1, _field_fn=None, _warp_fn=None))
+    def flaky(self):
+        devices.append(self.device.type)
+        if self.device.type == "cuda":
+            self._on_step(0, 1, 0.5, torch.zeros(1, 3, 4, 4, 4))  # a partial run, then CUDA runs out of memory
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(fixed, moving, device=device, **kw)
+        return real_run(self)
 
-    monkeypatch.setattr(core, "register", flaky)
-    out = RegistrationLogic().register(fixed, moving, update="gradient", maxSteps=4, device="auto",
-                                       refreshEvery=10)
-    assert devices == ["auto", "cpu"] and out.device == "cpu"
-    assert any("out of memory" in m for m in out.messages)
+    with monkeypatch.context() as m:
+        m.setattr(core._Registration, "run", flaky)
+        m.setattr(core, "resolve_device", lambda device: torch.device("cuda"))
+        m.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+        to_tensor = core.to_tensor
+        m.setattr(core, "to_tensor", lambda data, device, dtype=torch.float32: to_tensor(data, "cpu", dtype))
+        out = RegistrationLogic().register(fixed, moving, update="gradient", maxSteps=4, device="auto",
+                                           refreshEvery=10)
+    assert devices == ["cuda", "cpu"] and out.device == "cpu"
+    assert any("out of memory" in msg for msg in out.messages)
     assert out.traceTable.GetNumberOfRows() == 4  # the failed attempt's rows were dropped
 
     if not torch.cuda.is_available():
-        devices.clear()
         out = RegistrationLogic().register(fixed, moving, update="gradient", maxSteps=2, device="cuda")
-        assert devices == ["cpu"] and any("No CUDA GPU" in m for m in out.messages)
+        assert out.device == "cpu" and any("No CUDA GPU" in m for m in out.messages)

@@ -132,7 +132,7 @@ def test_module_description(module):
 def test_logic_parameter_node_has_defaults(module):
     logic = module.DEQRegistrationLogic()
     node = logic.getParameterNode()
-    assert node.GetParameter("Solver") == "anderson" and node.GetParameter("RefreshEvery") == "5"
+    assert node.GetParameter("Solver") == "auto" and node.GetParameter("RefreshEvery") == "5"
     assert logic.getParameterNode() is node
 
 

@@ -16,6 +16,7 @@ import torch
 from DEQRegistrationLib.checkpoint import load_operator
 from Training import evaluate, train
 from Training.data import FolderPairs, Learn2RegDataset, SyntheticPairs, build_source, to_working_grid
+from DEQRegistrationLib.checkpoint import read_checkpoint
 from Training.methods import METHODS, TrainStep, build_operator, make_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +185,8 @@ def test_ddp_gloo_two_processes_keep_replicas_identical(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     r0 = torch.load(out / "replica_rank0.pt", weights_only=True)
     r1 = torch.load(out / "replica_rank1.pt", weights_only=True)
-    init = build_operator(torch.load(out / "last.pt", weights_only=True)["config"]).state_dict()
+    torch.manual_seed(0)  # the trainer's --seed: every rank starts from these weights
+    init = build_operator(read_checkpoint(out / "last.pt")["config"]).state_dict()
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert any(not torch.equal(r0[k], init[k]) for k in r0 if k in init)  # they did train
     ck = torch.load(out / "last.pt", weights_only=True)

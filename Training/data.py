@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from DEQRegistrationLib.image import Image
 from DEQRegistrationLib.io import load_image, load_labels
 from DEQRegistrationLib.operators import gaussian_smooth
-from DEQRegistrationLib.preprocess import normalize_intensity, pad_to_multiple, resample_into
+from DEQRegistrationLib.preprocess import normalize_intensity, pad_to_multiple
+from DEQRegistrationLib.sampling import Sampler
 from DEQRegistrationLib.transforms import downsample_image, warp
 
 
@@ -108,12 +108,13 @@ def load_pair(fixed_entry: dict, moving_entry: dict) -> Dict[str, np.ndarray]:
     f, m = _load(fixed_entry), _load(moving_entry)
     fi, mi = f["image"], m["image"]
     same = fi.shape == mi.shape and np.allclose(fi.affine, mi.affine, atol=1e-4)
-    moving = mi.data if same else resample_into(mi, fi)
+    sampler = Sampler.between(fi, mi)
+    moving = mi.data if same else sampler.image(mi.data)
     out = dict(fixed=fi.data, moving=moving, fixed_affine=fi.affine, moving_affine=mi.affine,
                spacing=np.sqrt((fi.affine[:3, :fi.ndim] ** 2).sum(0)))
     if "label" in f and "label" in m:
         out["fixed_labels"] = f["label"]
-        out["moving_labels"] = m["label"] if same else resample_into(Image(m["label"], mi.affine), fi, order=0)
+        out["moving_labels"] = m["label"] if same else sampler.labels(m["label"])
     if "mask" in f:
         out["fixed_mask"] = f["mask"]
     if "keypoints" in f and "keypoints" in m:

@@ -84,14 +84,11 @@ def model_spec(spec: str) -> dict:
     """'gradient' (weight-free) or a checkpoint path, with its label and trained steps."""
     if spec == "gradient":
         return dict(name="gradient (no weights)", update="gradient", model=None, method="gradient",
-                    trained_steps=None, cfg=None, solver="anderson")
+                    trained_steps=None, cfg=None)
     cfg = read_checkpoint(spec)["config"]
-    method = cfg.get("method", cfg.get("update"))
-    # plain unrolled methods were trained with plain iteration: evaluate them the same way
-    solver = "anderson" if method == "deqreg" else "fixed-point"
-    return dict(name=f"{method} ({Path(spec).name})", update=cfg.get("update", "learned"),
-                model=spec, method=method, trained_steps=int(cfg.get("trained_steps", cfg.get("max_steps", 1))),
-                cfg=cfg, solver=solver)
+    # register() runs the model with the solver and pyramid its config names
+    return dict(name=f"{cfg.method} ({Path(spec).name})", update=cfg.update, model=spec, method=cfg.method,
+                trained_steps=int(cfg.trained_steps or cfg.max_steps), cfg=cfg)
 
 
 def run_pair(m: dict, pair, max_steps=None, tol=None) -> Dict[str, float]:
@@ -100,8 +97,8 @@ def run_pair(m: dict, pair, max_steps=None, tol=None) -> Dict[str, float]:
     fixed = Image(np.asarray(data["fixed"], np.float32), data["fixed_affine"])
     moving = Image(np.asarray(data["moving"], np.float32), data["fixed_affine"])  # already on the fixed grid
     # multi-level models (GraDIRN, hybrid DEQReg) carry their pyramid; register() runs it
-    res = register(fixed, moving, update=m["update"], model=m["model"], solver=m["solver"],
-                   max_steps=max_steps, tol=tol, device="cpu", moving_labels=data.get("moving_labels"))
+    res = register(fixed, moving, update=m["update"], model=m["model"], max_steps=max_steps, tol=tol, device="cpu",
+                   moving_labels=data.get("moving_labels"))
     row = dict(pair=name, seconds=res.seconds, steps=res.steps,
                folding_pct=metrics.folding_percent(res.jacobian),
                sdlogj=metrics.std_log_jacobian(res.jacobian))
@@ -110,8 +107,9 @@ def run_pair(m: dict, pair, max_steps=None, tol=None) -> Dict[str, float]:
         row["dice_before"] = metrics.mean_dice(data["fixed_labels"], data["moving_labels"])
         row["hd95"] = metrics.hd95(data["fixed_labels"], res.warped_labels)
     if "fixed_keypoints" in data:
+        # the moving keypoints are voxels of the moving image's own grid, whatever grid it was resampled to
         tre = metrics.target_registration_error(data["fixed_keypoints"], data["moving_keypoints"], res.displacement,
-                                                data["fixed_affine"], data["fixed_affine"])
+                                                data["fixed_affine"], data["moving_affine"])
         row["tre_mm"] = float(tre.mean())
     return row
 
@@ -131,7 +129,7 @@ def memory_worker(spec: str, shape: List[int]) -> float:
     torch.manual_seed(0)
     cfg = read_checkpoint(spec)["config"]
     op = build_operator(cfg)
-    step = TrainStep(op, cfg, lam=cfg.get("lam", 1.0), solver=cfg.get("solver", "anderson"))
+    step = TrainStep(op, cfg, lam=cfg.training.loss_diffusion_weight)
     fixed = torch.rand(1, 1, *shape)
     moving = torch.rand(1, 1, *shape)
     base = _rss_mb()

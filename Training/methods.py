@@ -14,13 +14,14 @@ forward per backward however many times the operator runs inside.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List
 
 import torch
 import torch.nn as nn
 
 from DEQRegistrationLib import losses
 from DEQRegistrationLib.checkpoint import build_operator
+from DEQRegistrationLib.config import ModelConfig, TrainingRecord
 from DEQRegistrationLib.deq import DEQ, equal_interval_steps, state_weights, unroll
 from DEQRegistrationLib.operators import field_channels
 from DEQRegistrationLib.transforms import downsample_image, upsample_field, warp
@@ -30,14 +31,18 @@ METHODS = ("deqreg", "voxelmorph", "unroll", "riir", "gradirn")
 
 def make_config(method: str, ndim: int, enc=(16, 32, 32), dec=(32, 32, 16), factor: int = 1,
                 max_steps: int = 48, unroll_steps: int = 3, levels=(4, 2, 1), repeats: int = 3,
-                final_init: float = 1e-5, update: str = "learned", op_lam: float = 0.0, tau: float = 1.0,
-                sigma: float = 1.0, factors=None, **train) -> dict:
-    """The checkpoint config: everything register() and this trainer need to rebuild the model.
+                final_init: float = 1e-5, update: str = "learned", diffusion_weight: float = 0.0, tau: float = 1.0,
+                sigma: float = 1.0, pyramid=None, solver: str = "anderson", **training) -> ModelConfig:
+    """The model's config (``ModelConfig``): what register() and this trainer rebuild the model from.
 
-    ``update="hybrid"`` (deqreg only) solves z = z - tau G_sigma grad(LNCC +
-    op_lam diffusion) + U(...) as a DEQ: with ``op_lam`` equal to gradient
-    mode's lam and a zero-initialised head it starts *as* gradient mode.
-    ``factors`` stores an inference pyramid (coarse to fine) for register().
+    ``factor`` is the working grid the network trains on (the fixed grid
+    pooled by it). ``update="hybrid"`` (deqreg only) solves z = z - tau G_sigma
+    grad(LNCC + diffusion_weight diffusion) + U(...) as a DEQ: with
+    ``diffusion_weight`` equal to gradient mode's and a zero-initialised head
+    it starts *as* gradient mode. ``pyramid`` (coarse to fine, ending at the
+    training grid or finer) is what register() runs; default: the training
+    grid alone. GraDIRN's pyramid is ``levels`` times ``factor``, ``repeats``
+    steps per level. ``training`` holds ``TrainingRecord`` fields.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -47,36 +52,44 @@ def make_config(method: str, ndim: int, enc=(16, 32, 32), dec=(32, 32, 16), fact
         raise ValueError("--update hybrid is for --method deqreg (gradirn is always hybrid)")
     unet = dict(ndim=ndim, in_channels=field_channels(ndim), out_channels=ndim, enc=list(enc), dec=list(dec),
                 final_init=final_init)
-    inference_steps = {"deqreg": max_steps, "voxelmorph": 1, "unroll": unroll_steps, "riir": unroll_steps,
-                       "gradirn": repeats * len(levels)}[method]
-    cfg = dict(update="hybrid" if method == "gradirn" else update, unet=unet, ndim=ndim, factor=factor,
-               max_steps=inference_steps, tol=1e-3 if method == "deqreg" else 0.0, scale=1.0, window=5,
-               method=method, trained_steps=inference_steps)
-    if cfg["update"] == "hybrid":
-        cfg.update(tau=tau, sigma=sigma, op_lam=op_lam)
-    if method == "gradirn":  # register() runs the stored pyramid, `repeats` steps per level
-        cfg.update(levels=list(levels), repeats=repeats, factors=[factor * lv for lv in levels])
-    if factors:
-        cfg.update(factors=[int(f) for f in factors])
-    cfg.update(train)
-    return cfg
+    if method == "gradirn":
+        pyramid = [factor * int(lv) for lv in levels]
+    steps = {"deqreg": max_steps, "voxelmorph": 1, "unroll": unroll_steps, "riir": unroll_steps,
+             "gradirn": repeats * len(pyramid or [factor])}[method]
+    return ModelConfig(
+        update="hybrid" if method == "gradirn" else update, ndim=ndim, unet=unet,
+        pyramid=[int(f) for f in (pyramid or [factor])],
+        # a DEQ runs the solver it was trained with; unrolled methods are plain iterations of their steps
+        solver=solver if method == "deqreg" else "fixed-point",
+        max_steps=steps, tol=1e-3 if method == "deqreg" else 0.0,
+        tau=tau, sigma=sigma, diffusion_weight=diffusion_weight if (update == "hybrid" or method == "gradirn") else 0.0,
+        method=method, trained_steps=steps, training=TrainingRecord(factor=factor, **training))
+
+
+def training_factor(cfg: ModelConfig) -> int:
+    """The grid the network trains on: the fixed grid pooled by this."""
+    return cfg.training.factor
+
+
+def relative_levels(cfg: ModelConfig) -> List[int]:
+    """GraDIRN's pyramid relative to the training grid (e.g. 4, 2, 1)."""
+    return [f // training_factor(cfg) for f in cfg.pyramid]
 
 
 class TrainStep(nn.Module):
     """forward(fixed, moving) -> (loss, stats): one method's full training objective."""
 
-    def __init__(self, op: nn.Module, cfg: dict, lam: float = 1.0, solver: str = "anderson"):
+    def __init__(self, op: nn.Module, cfg: ModelConfig, lam: float = 1.0):
         super().__init__()
         self.op, self.cfg, self.lam = op, cfg, lam
-        m = cfg["method"]
-        if m == "deqreg":
-            self.deq = DEQ(solver=solver, max_steps=cfg["max_steps"], tol=cfg.get("train_tol", 1e-3),
-                           phantom_k=cfg.get("phantom_k", 5), phantom_damping=cfg.get("phantom_damping", 0.8),
-                           n_states=cfg.get("n_states", 4))
+        t = cfg.training
+        if cfg.method == "deqreg":
+            self.deq = DEQ(solver=cfg.solver, max_steps=cfg.max_steps, tol=t.solver_tol, phantom_k=t.phantom_k,
+                           phantom_damping=t.phantom_damping, n_states=t.n_states)
 
     def states(self, fixed, moving) -> List[torch.Tensor]:
         cfg = self.cfg
-        m = cfg["method"]
+        m = cfg.method
         z0 = torch.zeros(fixed.shape[0], fixed.dim() - 2, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device)
 
         def f(z):
@@ -89,15 +102,16 @@ class TrainStep(nn.Module):
         if m == "voxelmorph":
             return unroll(f, z0, 1)
         if m == "unroll":
-            return unroll(f, z0, cfg["max_steps"])
+            return unroll(f, z0, cfg.max_steps)
         if m == "riir":
-            return unroll(f, z0, cfg["max_steps"], keep=list(range(1, cfg["max_steps"] + 1)))
+            return unroll(f, z0, cfg.max_steps, keep=list(range(1, cfg.max_steps + 1)))
         # gradirn: coarse to fine, field upsampled (and scaled) between levels
         z, prev = None, None
-        for factor in cfg["levels"]:
+        repeats = cfg.max_steps // len(cfg.pyramid)
+        for factor in relative_levels(cfg):
             fl, ml = downsample_image(fixed, factor), downsample_image(moving, factor)
             z = z0.new_zeros(z0.shape[0], z0.shape[1], *fl.shape[2:]) if z is None else upsample_field(z, prev // factor)
-            for _ in range(cfg["repeats"]):
+            for _ in range(repeats):
                 z = self.op(z, fl, ml)
             prev = factor
         return [z]
@@ -107,13 +121,13 @@ class TrainStep(nn.Module):
         ``label_weight`` * soft Dice loss of the warped moving labels, the
         SynthMorph supervision that ties the field to anatomy, not intensity."""
         states = self.states(fixed, moving)
-        scheme = "exponential" if self.cfg["method"] == "riir" else "uniform"
-        w = state_weights(len(states), scheme, self.cfg.get("gamma", 0.8))
-        sim = torch.stack([losses.lncc_loss(fixed, warp(moving, z), self.cfg.get("window", 5)) for z in states])
+        scheme = "exponential" if self.cfg.method == "riir" else "uniform"
+        w = state_weights(len(states), scheme, self.cfg.training.gamma)
+        sim = torch.stack([losses.lncc_loss(fixed, warp(moving, z), self.cfg.window) for z in states])
         reg = torch.stack([losses.diffusion_loss(z) for z in states])
         loss = (w * (sim + self.lam * reg)).sum()
         stats = {"lncc": float(sim[-1].detach()), "diffusion": float(reg[-1].detach()), "dice_loss": ""}
-        label_weight = float(self.cfg.get("label_weight", 0.0))
+        label_weight = float(self.cfg.training.label_weight)
         if label_weight and fixed_onehot is not None:
             dl = torch.stack([losses.soft_dice_loss(fixed_onehot, warp(moving_onehot, z)) for z in states])
             loss = loss + label_weight * (w * dl).sum()
@@ -121,4 +135,5 @@ class TrainStep(nn.Module):
         return loss, stats
 
 
-__all__ = ["METHODS", "make_config", "build_operator", "TrainStep", "equal_interval_steps"]
+__all__ = ["METHODS", "make_config", "training_factor", "relative_levels", "build_operator", "TrainStep",
+           "equal_interval_steps"]

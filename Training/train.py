@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from DEQRegistrationLib.checkpoint import save_checkpoint
+from DEQRegistrationLib.checkpoint import read_checkpoint, save_checkpoint
 
 from .data import build_source, labels_to_working_grid, to_working_grid
-from .methods import METHODS, TrainStep, build_operator, make_config
+from .methods import METHODS, TrainStep, build_operator, make_config, relative_levels
 
 LAMBDA_DEFAULTS = {"brain": 1.0, "lung": 0.125}
 
@@ -50,9 +50,9 @@ def parse_args(argv=None):
     ap.add_argument("--factor", type=int, default=1, help="working grid = image grid pooled by this (stored in the model)")
     ap.add_argument("--update", choices=["learned", "hybrid"], default="learned",
                     help="deqreg operator: learned (the paper's) or hybrid (gradient-mode step + learned correction)")
-    ap.add_argument("--op-lam", type=float, default=0.5,
+    ap.add_argument("--op-diffusion-weight", type=float, default=0.5,
                     help="hybrid: diffusion weight inside the operator's gradient step (gradient mode's 0.5)")
-    ap.add_argument("--factors", type=int, nargs="+", default=None,
+    ap.add_argument("--pyramid", type=int, nargs="+", default=None,
                     help="inference pyramid stored in the model, coarse to fine (e.g. 4 2); default: --factor alone")
     ap.add_argument("--label-weight", type=float, default=0.0,
                     help="weight of a soft Dice loss on label maps when the data has them (synthetic does)")
@@ -119,23 +119,22 @@ def train(args) -> dict:
                       max_steps=args.max_steps if args.method == "deqreg" else args.unroll_steps,
                       unroll_steps=args.unroll_steps, repeats=args.repeats,
                       n_states=args.n_states, phantom_k=args.phantom_k, phantom_damping=args.phantom_damping,
-                      update=args.update, op_lam=args.op_lam if args.update == "hybrid" else 0.0,
-                      factors=args.factors, label_weight=args.label_weight,
-                      lam=lam, lr=args.lr, data=args.data, solver=args.solver)
+                      update=args.update, diffusion_weight=args.op_diffusion_weight if args.update == "hybrid" else 0.0,
+                      pyramid=args.pyramid, label_weight=args.label_weight,
+                      loss_diffusion_weight=lam, lr=args.lr, data=args.data, solver=args.solver,
+                      init=str(args.init or ""))
     # every process starts from the same weights; data randomness differs per rank
     torch.manual_seed(args.seed)
     op = build_operator(cfg).to(dev)
     if args.init:
         op.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=False)["state_dict"])
-        cfg["init"] = str(args.init)
-    step_module = TrainStep(op, cfg, lam=lam, solver=args.solver).to(dev)
+    step_module = TrainStep(op, cfg, lam=lam).to(dev)
     opt = torch.optim.AdamW(op.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
     torch.manual_seed(args.seed * 1000 + rank)
     np.random.seed(args.seed * 1000 + rank)
     random.seed(args.seed * 1000 + rank)
     start = 0
-    ckpt_path = out / ("last.pt" if rank == 0 else f"last_rank{rank}.pt")
     if args.resume and (out / "last.pt").is_file():
         payload = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
         op.load_state_dict(payload["state_dict"])
@@ -148,7 +147,7 @@ def train(args) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(step_module)
     source = build_source(args.data, ndim=args.ndim, shape=args.shape, folder=args.folder, patterns=args.glob,
                           json_path=args.json, mix=args.mix, max_disp=args.max_disp)
-    multiple = op.net.multiple * (max(cfg["levels"]) if args.method == "gradirn" else 1)
+    multiple = op.net.multiple * (max(relative_levels(cfg)) if args.method == "gradirn" else 1)
     prefactored = getattr(source, "prefactored", False)
 
     log_path = out / "log.csv"
@@ -215,15 +214,16 @@ def export(src, dst, max_steps: Optional[int] = None, tol: Optional[float] = Non
     ``max_steps``/``tol`` set the inference defaults stored in the model (a
     DEQ may be trained with short solves and run to convergence).
     """
-    payload = torch.load(src, map_location="cpu", weights_only=False)
-    op = build_operator(payload["config"])
+    payload = read_checkpoint(src)
+    cfg = payload["config"]
+    op = build_operator(cfg)
     op.load_state_dict(payload["state_dict"])
-    cfg = dict(payload["config"], trained_optimizer_steps=int(payload.get("step", 0)))
+    cfg.training.optimizer_steps = int(payload.get("step", 0))
     if max_steps is not None:
-        cfg["max_steps"] = int(max_steps)
+        cfg.max_steps = int(max_steps)
     if tol is not None:
-        cfg["tol"] = float(tol)
-    save_checkpoint(dst, op, cfg)
+        cfg.tol = float(tol)
+    save_checkpoint(dst, op, cfg.validate())
 
 
 def main(argv=None) -> int:

@@ -70,7 +70,7 @@ def main(argv=None):
     for dev in devices:
         for size in args.sizes:
             shape = tuple(int(n) for n in size.split("x"))
-            ops = {"gradient": GradientUpdate(lam=0.25).to(dev), "learned": LearnedUpdate(UNet(3, 5, 3)).to(dev)}
+            ops = {"gradient": GradientUpdate(diffusion_weight=0.25).to(dev), "learned": LearnedUpdate(UNet(3, 5, 3)).to(dev)}
             for mode, op in ops.items():
                 row = {"device": dev.type, "size": size, "mode": mode,
                        "seconds_per_step": round(time_steps(op, shape, dev, args.repeats), 4)}

@@ -214,8 +214,8 @@ def check_anderson(torchdeq, f, z0, steps):
             out[f"torchdeq lam={lam:g} (absolute)"] = dict(
                 residual_last=float(info["rel_trace"][0, -1]), residual_returned=relative_residual(f(z), z),
                 returned_step=int(info["nstep"].max()))
-        r = anderson(f, z0, max_steps=steps, tol=0.0, memory=5, lam=1e-4)
-        out["ours lam=1e-4 (relative)"] = dict(residual_last=r.final_residual,
+        r = anderson(f, z0, max_steps=steps, tol=0.0, memory=5, ridge=1e-4)
+        out["ours ridge=1e-4 (relative)"] = dict(residual_last=r.final_residual,
                                                residual_returned=relative_residual(f(r.z), r.z), returned_step=r.steps)
         r = fixed_point_iteration(f, z0, max_steps=steps, tol=0.0)
         out["plain fixed point"] = dict(residual_last=r.final_residual,

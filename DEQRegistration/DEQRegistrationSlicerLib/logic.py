@@ -58,11 +58,6 @@ def status_text(progress, elapsed: float) -> str:
     return text
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
 class RegistrationLogic:
     """Qt-free registration logic on a MRML scene.
 
@@ -101,7 +96,7 @@ class RegistrationLogic:
     # --- main entry ------------------------------------------------------------------------
 
     def register(self, fixedVolumeNode, movingVolumeNode, fixedLabelsNode=None, movingLabelsNode=None, *,
-                 maxSteps=None, tolerance=None, solver="anderson", update="gradient", model=None,
+                 maxSteps=None, tolerance=None, solver=None, update="gradient", model=None,
                  device="auto", refreshEvery=5, callback=None,
                  outputVolume=None, outputTransform=None, outputFolding=None, outputChart=None):
         """Register moving to fixed; return a ``RegistrationOutputs`` with the output nodes.
@@ -131,8 +126,10 @@ class RegistrationLogic:
                                                    moving_affine, order, scene)
 
         # Heavy imports only now (never at module load).
+        from DEQRegistrationLib.config import make_settings
         from DEQRegistrationLib.image import Image
         from DEQRegistrationLib.registration import register as deq_register
+        from DEQRegistrationLib.sampling import Sampler
         from DEQRegistrationLib import metrics
 
         fixed = Image(fixed_data.astype(np.float32, copy=False), fixed_affine)
@@ -149,11 +146,8 @@ class RegistrationLogic:
         mrml.setup_plot(scene, chartNode, traceTable, diceTable)
 
         initialDice = None
-        live_labels = None
         if fixed_labels is not None:
-            live_labels = _LabelWarper(moving_labels, fixed_affine, moving_affine)
-            initialDice = metrics.mean_dice(fixed_labels, live_labels.warp(np.zeros((fixed.ndim,) + fixed.shape,
-                                                                                      np.float32)))
+            initialDice = metrics.mean_dice(fixed_labels, Sampler.between(fixed, moving).labels(moving_labels))
             mrml.append_row(diceTable, {"step": 0, "dice": initialDice})
             messages.append(f"Dice before registration: {initialDice:.3f}")
 
@@ -169,8 +163,8 @@ class RegistrationLogic:
                 disp = progress.displacement()
                 self._showState(progress.warped(), disp, progress.jacobian(), fixed,
                                 warpedNode, transformNode, foldingNode)
-                if live_labels is not None:
-                    d = metrics.mean_dice(fixed_labels, live_labels.warp(getattr(disp, "data", disp)))
+                if moving_labels is not None:
+                    d = metrics.mean_dice(fixed_labels, progress.warp_labels(moving_labels))
                     mrml.append_row(diceTable, {"step": progress.step, "dice": d})
                 state["last"] = progress.step
             fraction = progress.step / progress.max_steps if progress.max_steps else 0.0
@@ -179,14 +173,29 @@ class RegistrationLogic:
             stop = bool(callback(progress)) if callback is not None else False
             return stop or self._cancelRequested
 
-        kwargs = dict(update=update, model=model, solver=solver, max_steps=maxSteps, tol=tolerance,
-                      callback=on_step, moving_labels=moving_labels)
+        import torch
+        if device in ("cuda", "gpu") and not torch.cuda.is_available():
+            messages.append("No CUDA GPU available: running on CPU.")
+            device = "cpu"
+        settings = make_settings(update=update, model=model, solver=solver, max_steps=maxSteps, tol=tolerance,
+                                 device=device)
+
+        def on_fallback(message):
+            """The library reruns on the CPU: start the live tables again."""
+            messages.append(message)
+            self.statusCallback(message, 0.0)
+            mrml.reset_table(traceTable, ["step", "level", "residual", "seconds"])
+            if diceTable is not None:
+                mrml.reset_table(diceTable, ["step", "dice"])
+                mrml.append_row(diceTable, {"step": 0, "dice": initialDice})
+
         self.isRunning = True
         try:
-            result, used_device = self._run_with_fallback(deq_register, fixed, moving, device, kwargs, messages,
-                                                          traceTable, diceTable, initialDice)
+            result = deq_register(fixed, moving, settings, callback=on_step, moving_labels=moving_labels,
+                                  on_fallback=on_fallback)
         finally:
             self.isRunning = False
+        used_device = result.device
 
         # Final state: exactly what register() returned.
         self._showState(result.warped.data, result.displacement, result.jacobian, fixed,
@@ -209,30 +218,6 @@ class RegistrationLogic:
         self.statusCallback(summary, 1.0)
         logger.info(summary)
         return outputs
-
-    def _run_with_fallback(self, deq_register, fixed, moving, device, kwargs, messages,
-                           traceTable, diceTable, initialDice):
-        """Run on the requested device; a missing GPU or CUDA out-of-memory falls back to CPU."""
-        import torch
-        if device in ("cuda", "gpu") and not torch.cuda.is_available():
-            messages.append("No CUDA GPU available: running on CPU.")
-            device = "cpu"
-        try:
-            result = deq_register(fixed, moving, device=device, cpu_fallback=False, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - only OOM is retried, the rest re-raised
-            if device == "cpu" or not _is_out_of_memory(exc):
-                raise
-            messages.append("GPU out of memory: running again on CPU.")
-            self.statusCallback(messages[-1], 0.0)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            mrml.reset_table(traceTable, ["step", "level", "residual", "seconds"])
-            if diceTable is not None:
-                mrml.reset_table(diceTable, ["step", "dice"])
-                mrml.append_row(diceTable, {"step": 0, "dice": initialDice})
-            device = "cpu"
-            result = deq_register(fixed, moving, device=device, cpu_fallback=False, **kwargs)
-        return result, getattr(result, "device", device)
 
     def _tables(self, chartNode, with_dice):
         scene = self.scene
@@ -275,26 +260,3 @@ class RegistrationLogic:
         if outputs.dice is not None:
             outputs.warpedVolume.SetAttribute("DEQReg.dice", f"{outputs.dice:.4f}")
         outputs.foldingMap.SetAttribute("DEQReg.foldingPercent", f"{outputs.foldingPercent:.4f}")
-
-
-class _LabelWarper:
-    """Warps moving labels (nearest) by a current displacement, for the live Dice.
-
-    Uses the library's own warp through both affines, the same sampling the
-    library's ``warp_labels`` uses for the final result.
-    """
-
-    def __init__(self, moving_labels, fixed_affine, moving_affine):
-        import torch
-        from DEQRegistrationLib.geometry import voxel_to_voxel_affine
-        self.ndim = moving_labels.ndim
-        self.labels = torch.as_tensor(np.asarray(moving_labels, dtype=np.float32))[None, None]
-        self.f2m = torch.as_tensor(voxel_to_voxel_affine(fixed_affine, moving_affine, self.ndim), dtype=torch.float32)
-
-    def warp(self, displacement):
-        import torch
-        from DEQRegistrationLib.transforms import warp
-        with torch.no_grad():
-            d = torch.as_tensor(np.asarray(displacement, dtype=np.float32))[None]
-            out = warp(self.labels, d, mode="nearest", padding_mode="zeros", fixed_to_moving=self.f2m)
-        return out[0, 0].round().to(torch.int64).numpy()

@@ -128,23 +128,6 @@ def volume_to_library(volumeNode, scene=None):
     return kji_to_library(arr, affine)
 
 
-def resample_labels_nearest(labels: np.ndarray, labels_affine: np.ndarray,
-                            ref_shape, ref_affine: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour resample of a (i, j, k) label array into a reference grid (0 outside)."""
-    ref_shape = tuple(ref_shape)
-    grids = np.meshgrid(*[np.arange(n) for n in ref_shape], indexing="ij")
-    pts = np.stack([g.ravel() for g in grids] + [np.zeros(grids[0].size)] * (3 - len(ref_shape))
-                   + [np.ones(grids[0].size)])
-    to_label = np.linalg.inv(labels_affine) @ ref_affine
-    ijk = np.rint(to_label @ pts)[:3].astype(np.int64)
-    shape3 = labels.shape + (1,) * (3 - labels.ndim)
-    lab3 = labels.reshape(shape3)
-    inside = np.all((ijk >= 0) & (ijk < np.array(shape3)[:, None]), axis=0)
-    out = np.zeros(ijk.shape[1], dtype=labels.dtype)
-    out[inside] = lab3[ijk[0, inside], ijk[1, inside], ijk[2, inside]]
-    return out.reshape(ref_shape)
-
-
 def segment_names(segmentationNode):
     seg = segmentationNode.GetSegmentation()
     return [seg.GetNthSegment(n).GetName() for n in range(seg.GetNumberOfSegments())]
@@ -210,7 +193,8 @@ def labels_to_library(labelsNode, referenceVolumeNode, reference_shape, referenc
     data = np.rint(data).astype(np.int32)
     if data.shape == tuple(reference_shape) and np.allclose(affine, reference_affine, atol=1e-5):
         return data
-    return resample_labels_nearest(data, affine, reference_shape, reference_affine)
+    from DEQRegistrationLib.sampling import Sampler  # torch: only when a registration runs
+    return Sampler(reference_shape, reference_affine, affine).labels(data)
 
 
 # --- outputs ---------------------------------------------------------------------------

@@ -11,14 +11,14 @@ from __future__ import annotations
 PARAMETERS = {
     "MaxSteps": (int, 0),
     "Tolerance": (float, 0.0),
-    "Solver": (str, "anderson"),
+    "Solver": (str, "auto"),            # "auto": the mode's own (anderson; a model's stored solver)
     "UpdateMode": (str, "gradient"),
     "Model": (str, "default"),          # "default" (shipped weights) or "file"
     "ModelPath": (str, ""),
     "Device": (str, "auto"),            # "auto" (GPU when available) | "cpu" | "cuda"
     "RefreshEvery": (int, 5),
 }
-SOLVERS = ("anderson", "fixed-point")
+SOLVERS = ("auto", "anderson", "fixed-point")
 UPDATE_MODES = ("learned", "gradient", "hybrid")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = ("default", "file")
@@ -94,7 +94,7 @@ class ParameterNode:
             movingLabelsNode=self.getNode("MovingLabels"),
             maxSteps=self.get("MaxSteps") or None,
             tolerance=self.get("Tolerance") or None,
-            solver=self.get("Solver"),
+            solver=None if self.get("Solver") == "auto" else self.get("Solver"),
             update=self.get("UpdateMode"),
             model=model,
             device=self.get("Device"),

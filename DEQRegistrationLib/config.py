@@ -1,0 +1,296 @@
+"""The two configurations of the library, each defined once, with defaults and validation.
+
+* ``ModelConfig``: what a trained update operator *is* and how it runs
+  (network, update rule, pyramid, solver, budget), written by training into
+  the checkpoint and read back by every consumer (``register()``, evaluation,
+  the Slicer module). Versioned; version-1 checkpoints are converted on load.
+* ``Settings``: what one call of ``register()`` is asked to do. Every caller
+  (Python, CLI, Slicer module, evaluation) builds one through
+  ``make_settings``, which refuses names it does not know instead of ignoring
+  them.
+
+Names used throughout (each means one thing):
+``update`` the kind of operator (learned | gradient | hybrid); ``method`` the
+training method that produced a model (deqreg, voxelmorph, ...);
+``pyramid`` the downsampling factors of the fixed grid the solver runs on,
+coarse to fine; ``level_weights`` how the step budget is split over them;
+``step_size`` the gradient operator's descent step; ``diffusion_weight`` the
+weight of the diffusion regulariser; ``sigma`` the Gaussian preconditioner's
+width in voxels; ``window`` the LNCC window.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, List, Optional, Sequence
+
+from .errors import InputError
+
+UPDATES = ("learned", "gradient", "hybrid")
+MODEL_UPDATES = ("learned", "hybrid")
+SOLVER_NAMES = ("anderson", "fixed-point")
+SIMILARITIES = ("lncc", "mse")
+CONFIG_VERSION = 2
+
+
+def _check_pyramid(pyramid, what: str) -> List[int]:
+    try:
+        out = [int(f) for f in pyramid]
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a list of positive integers, got {pyramid!r}") from None
+    if not out or any(f < 1 or f != g for f, g in zip(out, pyramid)):
+        raise InputError(f"{what} must be a non-empty list of positive integers, got {list(pyramid)!r}")
+    if any(a <= b for a, b in zip(out, out[1:])):
+        raise InputError(f"{what} must go from coarse to fine (strictly decreasing factors), got {out}")
+    return out
+
+
+def _check_weights(weights, n: Optional[int], what: str) -> List[float]:
+    try:
+        out = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a list of positive numbers, got {weights!r}") from None
+    if not out or any(not (w > 0 and math.isfinite(w)) for w in out):
+        raise InputError(f"{what} must be positive numbers, got {out}")
+    if n is not None and len(out) != n:
+        raise InputError(f"{what} has {len(out)} entries but the pyramid has {n} levels")
+    return out
+
+
+def _check_solver(solver: str, what: str = "solver") -> str:
+    if solver not in SOLVER_NAMES:
+        raise InputError(f"unknown {what} {solver!r}; choose one of {', '.join(SOLVER_NAMES)}")
+    return solver
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class TrainingRecord:
+    """How a model was trained: read by the trainer on resume, never by inference."""
+
+    factor: int = 1                   # the grid the network trained on: the fixed grid pooled by this
+    loss_diffusion_weight: float = 1.0  # lambda of the training loss (LNCC + lambda diffusion)
+    label_weight: float = 0.0         # weight of the soft-Dice loss on label maps
+    lr: float = 1e-4
+    data: str = ""
+    n_states: int = 4                 # DEQ: supervised intermediate states
+    phantom_k: int = 5                # DEQ: phantom-gradient steps per state
+    phantom_damping: float = 0.8      # DEQ: damping of those steps
+    solver_tol: float = 1e-3          # DEQ: tolerance of the training solve
+    gamma: float = 0.8                # RIIR: state weights gamma^(K-1-i)
+    init: str = ""                    # checkpoint the weights started from
+    optimizer_steps: int = 0
+    extra: dict = field(default_factory=dict)  # other facts worth keeping (free-form)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild and run a trained update operator."""
+
+    update: str                       # learned | hybrid
+    ndim: int
+    unet: dict                        # networks.UNet constructor arguments
+    pyramid: List[int] = field(default_factory=lambda: [1])
+    level_weights: Optional[List[float]] = None   # None: equal split
+    solver: str = "fixed-point"       # the solver it was trained with and runs with
+    max_steps: int = 48               # inference budget over all levels
+    tol: float = 1e-3                 # inference tolerance on the relative residual
+    scale: float = 1.0                # multiplies the network's output
+    similarity: str = "lncc"          # the similarity it was trained with (hybrid: also its gradient step)
+    window: int = 5
+    tau: float = 1.0                  # hybrid: initial descent step (trainable)
+    sigma: float = 1.0                # hybrid: Gaussian preconditioner
+    diffusion_weight: float = 0.0     # hybrid: diffusion term inside the operator's gradient step
+    method: str = "deqreg"            # deqreg | voxelmorph | unroll | riir | gradirn
+    trained_steps: Optional[int] = None
+    training: TrainingRecord = field(default_factory=TrainingRecord)
+
+    def __post_init__(self):
+        if isinstance(self.training, dict):
+            self.training = _from_fields(TrainingRecord, self.training, "model config 'training'")
+        self.validate()
+
+    def validate(self) -> "ModelConfig":
+        if self.update not in MODEL_UPDATES:
+            raise InputError(f"model config: unknown update {self.update!r}; a model is one of {MODEL_UPDATES}")
+        if self.ndim not in (2, 3):
+            raise InputError(f"model config: ndim must be 2 or 3, got {self.ndim!r}")
+        if not isinstance(self.unet, dict) or self.unet.get("ndim", self.ndim) != self.ndim:
+            raise InputError("model config: 'unet' must be the U-Net's arguments, for the model's ndim")
+        self.pyramid = _check_pyramid(self.pyramid, "model config 'pyramid'")
+        if self.level_weights is not None:
+            self.level_weights = _check_weights(self.level_weights, len(self.pyramid), "model config 'level_weights'")
+        _check_solver(self.solver, "model config solver")
+        if int(self.max_steps) < 1:
+            raise InputError("model config: max_steps must be at least 1")
+        if not (self.tol >= 0):
+            raise InputError("model config: tol must be >= 0")
+        if self.similarity not in SIMILARITIES:
+            raise InputError(f"model config: unknown similarity {self.similarity!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, version: int = CONFIG_VERSION) -> "ModelConfig":
+        """Read a checkpoint's config; version 1 (before this class) is converted."""
+        if version == 1:
+            data = _from_version_1(data)
+        elif version != CONFIG_VERSION:
+            raise InputError(f"model config version {version} is not supported (this library reads 1 and "
+                             f"{CONFIG_VERSION}); update DEQRegistration")
+        return _from_fields(cls, data, "model config")
+
+
+def _from_fields(cls, data: dict, what: str):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(f"{what}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+_V1_TRAINING_KEYS = {"lam": "loss_diffusion_weight", "label_weight": "label_weight", "lr": "lr", "data": "data",
+                     "n_states": "n_states", "phantom_k": "phantom_k", "phantom_damping": "phantom_damping",
+                     "train_tol": "solver_tol", "gamma": "gamma", "init": "init",
+                     "trained_optimizer_steps": "optimizer_steps"}
+
+
+def _from_version_1(old: dict) -> dict:
+    """Version-1 configs: one flat dict whose keys were read with scattered defaults.
+
+    ``factor``/``factors``/``levels`` become one ``pyramid``; ``op_lam`` the
+    hybrid ``diffusion_weight``; the training solver (stored as ``solver``)
+    becomes the model's solver for DEQ models, while the unrolled methods ran
+    plain iteration; the rest of the training facts go into ``training``.
+    """
+    old = dict(old)
+    method = old.pop("method", "deqreg")
+    factor = int(old.pop("factor", 1))
+    factors = old.pop("factors", None)
+    levels = old.pop("levels", None)
+    repeats = old.pop("repeats", None)
+    if factors:
+        pyramid = [int(f) for f in factors]
+    elif levels:
+        pyramid = [factor * int(lv) for lv in levels]
+    else:
+        pyramid = [factor]
+    train_solver = old.pop("solver", "anderson")
+    training = {new: old.pop(key) for key, new in _V1_TRAINING_KEYS.items() if key in old}
+    training["factor"] = factor
+    cfg = dict(update=old.pop("update", "learned"), ndim=old.pop("ndim"), unet=old.pop("unet"), pyramid=pyramid,
+               level_weights=old.pop("level_weights", None),
+               solver=train_solver.replace("_", "-") if method == "deqreg" else "fixed-point",
+               max_steps=int(old.pop("max_steps", 48)), tol=float(old.pop("tol", 1e-3)),
+               scale=float(old.pop("scale", 1.0)), window=int(old.pop("window", 5)),
+               tau=float(old.pop("tau", 1.0)), sigma=float(old.pop("sigma", 1.0)),
+               diffusion_weight=float(old.pop("op_lam", 0.0)), method=method,
+               trained_steps=old.pop("trained_steps", None))
+    if repeats is not None:
+        old["repeats"] = repeats
+    training["extra"] = old  # anything left is kept, not interpreted
+    cfg["training"] = training
+    return cfg
+
+
+# --------------------------------------------------------------------------- register()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``register()`` does. ``None`` means "the mode's own default" (see ``resolve``)."""
+
+    update: str = "gradient"          # learned | gradient | hybrid
+    model: Any = None                 # learned/hybrid: "default", a checkpoint path or an UpdateOperator
+    solver: Optional[str] = None      # anderson | fixed-point (gradient: anderson; a model: its own)
+    max_steps: Optional[int] = None   # total over all levels (gradient: 120; a model: its own)
+    tol: Optional[float] = None       # on the relative residual (see solvers.py)
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    cpu_fallback: bool = True         # rerun on the CPU when the GPU runs out of memory
+    pyramid: Optional[Sequence[int]] = None         # gradient: from the image size; a model: its own
+    level_weights: Optional[Sequence[float]] = None  # split of max_steps over the pyramid (default equal)
+    # the gradient (weight-free) operator; a model keeps what it was trained with
+    step_size: float = 1.0
+    diffusion_weight: float = 0.5
+    sigma: float = 1.0
+    window: int = 5
+    similarity: str = "lncc"
+
+    def validate(self) -> "Settings":
+        if self.update not in UPDATES:
+            raise InputError(f"unknown update {self.update!r}; choose one of {', '.join(UPDATES)}")
+        if self.update == "gradient" and not _no_model(self.model):
+            raise InputError("a model is used by the learned and hybrid updates; the gradient update has no weights "
+                             "(give update='learned' or 'hybrid', or no model)")
+        if self.solver is not None:
+            _check_solver(self.solver)
+        if self.max_steps is not None and (not float(self.max_steps).is_integer() or int(self.max_steps) < 1):
+            raise InputError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        if self.tol is not None and not (float(self.tol) >= 0 and math.isfinite(float(self.tol))):
+            raise InputError(f"tol must be a finite number >= 0, got {self.tol!r}")
+        if not isinstance(self.device, str):
+            raise InputError(f"device must be a string (auto, cpu, cuda), got {self.device!r}")
+        n = None
+        if self.pyramid is not None:
+            n = len(_check_pyramid(self.pyramid, "pyramid"))
+        if self.level_weights is not None:
+            _check_weights(self.level_weights, n, "level_weights")
+        if not (self.step_size > 0 and math.isfinite(self.step_size)):
+            raise InputError(f"step_size must be positive, got {self.step_size!r}")
+        if not (self.diffusion_weight >= 0 and math.isfinite(self.diffusion_weight)):
+            raise InputError(f"diffusion_weight must be >= 0, got {self.diffusion_weight!r}")
+        if not (self.sigma >= 0 and math.isfinite(self.sigma)):
+            raise InputError(f"sigma must be >= 0, got {self.sigma!r}")
+        if int(self.window) != self.window or self.window < 1 or self.window % 2 == 0:
+            raise InputError(f"window must be an odd positive integer, got {self.window!r}")
+        if self.similarity not in SIMILARITIES:
+            raise InputError(f"unknown similarity {self.similarity!r}; choose one of {', '.join(SIMILARITIES)}")
+        if self.update != "gradient":
+            changed = [name for name in GRADIENT_OPERATOR_SETTINGS if getattr(self, name) != _DEFAULTS[name]]
+            if changed:
+                raise InputError(f"{', '.join(changed)} set the gradient update; a {self.update} model keeps the "
+                                 "values it was trained with")
+        return self
+
+    def as_dict(self) -> dict:
+        """JSON-friendly copy (a model object is named by its class)."""
+        out = asdict(self)
+        if not isinstance(self.model, (str, type(None))):
+            out["model"] = type(self.model).__name__
+        for key in ("pyramid", "level_weights"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
+
+
+GRADIENT_OPERATOR_SETTINGS = ("step_size", "diffusion_weight", "sigma", "window", "similarity")
+_DEFAULTS = {f.name: f.default for f in fields(Settings)}
+#: the gradient mode's budget and tolerance when the caller gives none
+GRADIENT_MAX_STEPS = 120
+GRADIENT_TOL = 1e-3
+
+
+def _no_model(model) -> bool:
+    return model is None or (isinstance(model, str) and model.lower() == "none")
+
+
+def setting_names() -> List[str]:
+    return [f.name for f in fields(Settings)]
+
+
+def make_settings(base: Optional[Settings] = None, **overrides) -> Settings:
+    """``base`` (or the defaults) with ``overrides``; unknown names raise, naming the valid ones."""
+    unknown = sorted(set(overrides) - set(_DEFAULTS))
+    if unknown:
+        raise InputError(f"unknown setting(s) {', '.join(repr(u) for u in unknown)}; valid settings: "
+                         f"{', '.join(setting_names())}")
+    if base is not None and not isinstance(base, Settings):
+        raise InputError(f"settings must be a DEQRegistrationLib.config.Settings, got {type(base).__name__}")
+    settings = replace(base or Settings(), **overrides)
+    if _no_model(settings.model) and settings.model is not None:
+        settings = replace(settings, model=None)
+    return settings.validate()

@@ -1,0 +1,120 @@
+"""The one place where data on the moving grid is sampled at the fixed grid's voxels.
+
+A fixed voxel p (array indices) is carried to the moving image's voxel
+coordinates through the displacement u (fixed-grid voxel units), the fixed
+image's voxel-to-RAS affine F, an optional linear world transform W (fixed
+RAS -> moving RAS; identity unless an alignment stage found one) and the
+inverse of the moving affine M:
+
+    q(p) = M^-1 W F (p + u(p))
+
+Every resampling the library, the CLI, training and the Slicer module do
+("the moving image on the fixed grid", with or without a field, intensities
+or labels) goes through ``Sampler``; nothing else composes these matrices.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .image import Image
+from .transforms import identity_grid, sample
+
+Array = Union[np.ndarray, torch.Tensor]
+#: coordinates computed at once, at most (a slab of the fixed grid otherwise): bounds memory on big volumes
+DEFAULT_CHUNK_VOXELS = 1 << 24
+
+
+class Sampler:
+    """Samples moving-grid data at fixed-grid voxels (plus a displacement), through both affines."""
+
+    def __init__(self, fixed_shape: Sequence[int], fixed_affine: np.ndarray, moving_affine: np.ndarray,
+                 world: Optional[np.ndarray] = None):
+        self.fixed_shape = tuple(int(n) for n in fixed_shape)
+        self.ndim = len(self.fixed_shape)
+        self.fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
+        self.moving_affine = np.asarray(moving_affine, dtype=np.float64)
+        self.world = np.eye(4) if world is None else np.asarray(world, dtype=np.float64)
+        full = np.linalg.inv(self.moving_affine) @ self.world @ self.fixed_affine
+        keep = list(range(self.ndim)) + [3]
+        # (ndim+1)^2: for 2D images both grids lie in one plane; the unused axis drops out
+        self.matrix = full[np.ix_(keep, keep)]
+
+    @classmethod
+    def between(cls, fixed: Image, moving: Image, world: Optional[np.ndarray] = None) -> "Sampler":
+        return cls(fixed.shape, fixed.affine, moving.affine, world)
+
+    # --- coordinates -------------------------------------------------------------------
+
+    def coords(self, disp: Optional[torch.Tensor] = None, rows: Optional[slice] = None,
+               device=None, dtype=torch.float32) -> torch.Tensor:
+        """Moving voxel coordinates (1, ndim, *S) of the fixed voxels (a slab along axis 0 with ``rows``)."""
+        rows = rows or slice(0, self.fixed_shape[0])
+        shape = (rows.stop - rows.start,) + self.fixed_shape[1:]
+        if disp is not None:
+            device, dtype = disp.device, disp.dtype
+        grid = identity_grid(shape, device, dtype)
+        if rows.start:
+            offset = torch.zeros(self.ndim, dtype=dtype, device=grid.device)
+            offset[0] = rows.start
+            grid = grid + offset.view(1, -1, *([1] * self.ndim))
+        p = grid if disp is None else grid + disp[:, :, rows]
+        A = torch.as_tensor(self.matrix, dtype=dtype, device=p.device)
+        nd = self.ndim
+        return torch.einsum("ab,nb...->na...", A[:nd, :nd], p) + A[:nd, nd].view(1, nd, *([1] * nd))
+
+    # --- sampling ----------------------------------------------------------------------
+
+    def resample(self, data: Array, disp: Optional[Array] = None, order: int = 1, padding: str = "zeros",
+                 chunk_voxels: int = DEFAULT_CHUNK_VOXELS) -> Array:
+        """``data`` on the moving grid, sampled at every fixed voxel.
+
+        numpy in, numpy out: ``data`` (*S_moving) and ``disp`` (ndim, *S_fixed)
+        give (*S_fixed). torch in, torch out: (B, C, *S_moving) and
+        (B, ndim, *S_fixed) give (B, C, *S_fixed), on the data's device.
+        ``order`` 1 is (tri)linear, 0 nearest (label maps keep their dtype).
+        Large grids are done in slabs of at most ``chunk_voxels`` voxels.
+        """
+        as_numpy = isinstance(data, np.ndarray)
+        if as_numpy:
+            src = np.asarray(data)
+            dtype = torch.float64 if order == 0 and src.size and np.abs(src).max() >= 2 ** 24 else torch.float32
+            x = torch.as_tensor(np.ascontiguousarray(src), dtype=dtype)[None, None]
+            d = None if disp is None else torch.as_tensor(np.asarray(disp), dtype=dtype)[None]
+        else:
+            x = data
+            d = disp
+        if d is not None:
+            d = d.to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
+            if tuple(d.shape[2:]) != self.fixed_shape:
+                raise ValueError(f"displacement grid {tuple(d.shape[2:])} is not the fixed grid {self.fixed_shape}")
+        if not x.is_floating_point():
+            x = x.float()
+        mode = "nearest" if order == 0 else "bilinear"
+        per_row = int(np.prod(self.fixed_shape[1:])) if self.ndim > 1 else 1
+        step = max(1, int(chunk_voxels) // max(per_row, 1))
+        n0 = self.fixed_shape[0]
+        parts = []
+        for start in range(0, n0, step):
+            rows = slice(start, min(n0, start + step))
+            c = self.coords(d, rows, device=x.device, dtype=x.dtype)
+            if c.shape[0] != x.shape[0]:
+                c = c.expand(x.shape[0], *c.shape[1:])
+            parts.append(sample(x, c, mode=mode, padding_mode=padding))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        if not as_numpy:
+            return out
+        out = out[0, 0].cpu().numpy()
+        if order == 0:
+            return np.rint(out).astype(src.dtype)
+        return out.astype(np.float32, copy=False)
+
+    def image(self, data: Array, disp: Optional[Array] = None, **kw) -> Array:
+        """Intensities, (tri)linear, zero outside the moving grid."""
+        return self.resample(data, disp, order=1, **kw)
+
+    def labels(self, labels: Array, disp: Optional[Array] = None, **kw) -> Array:
+        """A label map, nearest neighbour (values and dtype kept), 0 outside the moving grid."""
+        return self.resample(labels, disp, order=0, **kw)
