@@ -64,8 +64,9 @@ def _read_nibabel(path: Path, what: str):
     if suf not in IMAGE_SUFFIXES:
         raise InputError(f"{what}: not an image file (expected .nii, .nii.gz or .mgz): {path}")
     try:
-        img = nib.load(str(path))
-        # Read the voxels now so a truncated or corrupt file fails here, not later.
+        # mmap=False: the voxels are read into memory now, so a truncated or corrupt file fails
+        # here, and the array never aliases the file (an in-place rewrite of the file cannot change it).
+        img = nib.load(str(path), mmap=False)
         data = np.asanyarray(img.dataobj)
     except (ImageFileError, OSError, EOFError, zlib.error, ValueError, TypeError, MemoryError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
