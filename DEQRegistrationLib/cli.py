@@ -26,6 +26,7 @@ import numpy as np
 from .config import SOLVER_NAMES, Settings, make_settings
 from .errors import InputError
 from .image import Image
+from .io import OUTPUT_FORMATS
 from .solvers import RESIDUAL_DEFINITION
 
 PROG = "deqreg"
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     reg = sub.add_parser("register", help="register MOVING onto FIXED and write the results to a folder",
-                         description="Register MOVING onto FIXED (NIfTI .nii/.nii.gz or .mgz, 2D or 3D).")
+                         description="Register MOVING onto FIXED (2D or 3D; NIfTI .nii/.nii.gz, .mgz, NRRD "
+                                     ".nrrd/.nhdr, MetaImage .mha/.mhd or a DICOM series folder).")
     reg.add_argument("fixed", metavar="FIXED", help="fixed (reference) image")
     reg.add_argument("moving", metavar="MOVING", help="moving image, resampled into the fixed grid")
     reg.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="total solver steps over all levels")
     reg.add_argument("--tol", type=_positive_float, default=None, metavar="X",
                      help="stop when the relative residual falls below X; residual = " + RESIDUAL_DEFINITION)
+    reg.add_argument("--format", choices=tuple(OUTPUT_FORMATS), default="nii",
+                     help="file format of the output images and fields (default: nii, i.e. .nii.gz)")
 
     demo = sub.add_parser("demo", help="offline demo on a real brain template shipped by nilearn, with a plot",
                           description="Offline demo on real anatomy: the MNI ICBM152 2009a T1 template shipped "
@@ -121,6 +125,7 @@ class Job:
     moving_points: Optional[np.ndarray] = None
     settings: Settings = field(default_factory=Settings)
     inputs: Dict = field(default_factory=dict)
+    output_format: str = "nii"   # io.OUTPUT_FORMATS key
 
 
 def resolve_model(model: Optional[str], update: Optional[str], ndim: int):
@@ -249,7 +254,7 @@ def compute_metrics(job: Job, result) -> Dict:
         "std_log_jacobian": "std(log(clip(detJ))) over the interior (2 voxels cropped per side)",
         "std_log_jacobian_l2r": "Learn2Reg code's variant std(log(detJ + 3))",
         "tre_mm": "mean landmark distance in mm in the moving image's physical space",
-        "displacement": "displacement.nii.gz: ITK displacement field, LPS mm, fixed grid",
+        "displacement": "displacement.*: ITK displacement field, LPS mm, fixed grid",
     }
     return out
 
@@ -277,14 +282,16 @@ def write_outputs(folder: Path, job: Job, result, metrics: Dict) -> None:
     from . import io
 
     fixed = job.fixed
+    fmt = job.output_format
     warped = result.warped
-    io.save_image(Image(np.asarray(warped.data), fixed.affine), folder / "warped.nii.gz")
-    io.save_itk_displacement(result.displacement_mm(lps=True), fixed.affine, folder / "displacement.nii.gz")
+    io.save_image(Image(np.asarray(warped.data), fixed.affine), folder / io.output_name("warped", fmt))
+    io.save_itk_displacement(result.displacement_mm(lps=True), fixed.affine,
+                             folder / io.output_name("displacement", fmt))
     jac = np.asarray(result.jacobian, dtype=np.float32)
-    io.save_image(Image(jac, fixed.affine), folder / "jacobian.nii.gz")
-    io.save_labels((jac <= 0).astype(np.uint8), fixed.affine, folder / "folding_mask.nii.gz")
+    io.save_image(Image(jac, fixed.affine), folder / io.output_name("jacobian", fmt))
+    io.save_labels((jac <= 0).astype(np.uint8), fixed.affine, folder / io.output_name("folding_mask", fmt))
     if result.warped_labels is not None:
-        io.save_labels(np.asarray(result.warped_labels), fixed.affine, folder / "warped_seg.nii.gz")
+        io.save_labels(np.asarray(result.warped_labels), fixed.affine, folder / io.output_name("warped_seg", fmt))
     with open(folder / "convergence.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["step", "level", "residual", "seconds"])
@@ -390,6 +397,7 @@ def cmd_register(args) -> int:
     model, update = resolve_model(args.model, args.update, job.fixed.ndim)
     job.settings = make_settings(update=update, model=model, solver=args.solver, max_steps=args.max_steps,
                                  tol=args.tol, device=args.device)
+    job.output_format = args.format
     _, metrics = execute(job, out)
     print(f"{PROG}: wrote {out} ({summary_line(metrics)})")
     return 0

@@ -4,14 +4,19 @@ Everything a user hands the library from disk comes through here, so this is
 where bad input is caught and turned into a one-line ``InputError`` before any
 registration work starts. Files are only ever read; outputs go to new paths.
 
-Images and label maps are NIfTI (.nii, .nii.gz) or MGZ (.mgz, .mgh), read with
-nibabel: the array keeps nibabel's (i, j[, k]) axis order and the affine maps
-voxels to RAS mm (see ``image``). A 2D image may be stored as H x W or
-H x W x 1; it is returned as H x W with the full 4x4 affine.
+Images, label maps and masks are NIfTI (.nii, .nii.gz) or MGZ (.mgz, .mgh),
+read with nibabel, or NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM
+series (a folder, or one .dcm file of the series), read with SimpleITK
+(``formats``, an optional extra). Whatever the format, the array comes back
+in (i, j[, k]) axis order and the affine maps voxels to RAS mm (see
+``image``). A 2D image may be stored as H x W or H x W x 1; it is returned as
+H x W with the full 4x4 affine. Outputs are NIfTI unless the path asks for
+.nrrd or .mha.
 
 The displacement field is written the way ITK (and so ANTs and Slicer) reads a
-displacement-field transform: a 5D NIfTI (X, Y, Z, 1, 3), float32, intent
-NIFTI_INTENT_VECTOR (1007), vectors in LPS millimetres, on the fixed grid.
+displacement-field transform: vectors in LPS millimetres on the fixed grid; as
+NIfTI a 5D (X, Y, Z, 1, 3) float32 image with intent NIFTI_INTENT_VECTOR
+(1007), as NRRD/MetaImage a 3-component vector image.
 """
 from __future__ import annotations
 
@@ -28,12 +33,21 @@ from .errors import InputError
 from .geometry import lps_to_ras, physical_field_to_voxel, physical_to_voxel_points, ras_to_lps
 from .image import Image
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
+from . import formats
+
+NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
+IMAGE_SUFFIXES = NIBABEL_SUFFIXES + formats.ITK_SUFFIXES + formats.DICOM_SUFFIXES
+IMAGE_FORMATS_TEXT = ".nii, .nii.gz, .mgz, .nrrd, .nhdr, .mha, .mhd, or a DICOM series folder"
+#: --format: the suffix every output image of a run gets
+OUTPUT_FORMATS = {"nii": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
+WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 # Intent 1007 (vector) with LPS components is what ANTs writes and ITK/Slicer
 # read as-is. 1006 (displacement vector) makes ITK's NIfTI reader convert the
 # components from RAS, so LPS data read through it maps points wrongly
 # (checked with Slicer's transform reader in Testing/test_io.py).
 NIFTI_INTENT_VECTOR = 1007
+#: read only: ITK (and so Slicer, saving a grid transform as .nii.gz) writes RAS components with this intent
+NIFTI_INTENT_DISPVECT = 1006
 
 
 def _suffix(path: Path) -> str:
@@ -44,11 +58,11 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def _check_readable(path, what: str) -> Path:
+def _check_readable(path, what: str, folder_ok: bool = False) -> Path:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what}: file not found: {path}")
-    if path.is_dir():
+    if path.is_dir() and not folder_ok:
         raise InputError(f"{what}: is a folder, not a file: {path}")
     if not os.access(path, os.R_OK):
         raise InputError(f"{what}: file is not readable (permissions): {path}")
@@ -60,9 +74,6 @@ def _read_nibabel(path: Path, what: str):
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
-    suf = _suffix(path)
-    if suf not in IMAGE_SUFFIXES:
-        raise InputError(f"{what}: not an image file (expected .nii, .nii.gz or .mgz): {path}")
     try:
         # mmap=False: the voxels are read into memory now, so a truncated or corrupt file fails
         # here, and the array never aliases the file (an in-place rewrite of the file cannot change it).
@@ -74,6 +85,36 @@ def _read_nibabel(path: Path, what: str):
     if not hasattr(img, "affine") or img.affine is None:
         raise InputError(f"{what}: {path} has no spatial geometry (affine)")
     return img, data
+
+
+def read_array(path, what: str = "image"):
+    """(array as stored, RAS affine, nibabel image or None) of any supported image file or DICOM folder.
+
+    The array is (i, j[, k], ...) in every format; nothing is checked beyond
+    readability (callers reduce and check it).
+    """
+    path = _check_readable(path, what, folder_ok=True)
+    if path.is_dir():
+        if not os.access(path, os.X_OK):
+            raise InputError(f"{what}: folder is not readable (permissions): {path}")
+        try:
+            import SimpleITK  # noqa: F401
+        except ImportError:
+            raise InputError(f"{what}: is a folder, not a file: {path} (a DICOM series folder can be read with "
+                             f"the optional extra: {formats.INSTALL_HINT})") from None
+        data, affine = formats.read_dicom(path, what)
+        return data, affine, None
+    suf = _suffix(path)
+    if suf in NIBABEL_SUFFIXES:
+        img, data = _read_nibabel(path, what)
+        return data, np.asarray(img.affine, dtype=np.float64), img
+    if suf in formats.ITK_SUFFIXES:
+        data, affine = formats.read(path, what)
+        return data, affine, None
+    if suf in formats.DICOM_SUFFIXES:
+        data, affine = formats.read_dicom(path, what)
+        return data, affine, None
+    raise InputError(f"{what}: not an image file (expected {IMAGE_FORMATS_TEXT}): {path}")
 
 
 def _spatial(data: np.ndarray, path: Path, what: str) -> np.ndarray:
@@ -106,8 +147,7 @@ def load_image(path, what: str = "image") -> Image:
     Refused: missing/unreadable files, non-images, 4D data, empty or constant
     images, NaN/inf voxels, complex or RGB voxels.
     """
-    path = _check_readable(path, what)
-    img, raw = _read_nibabel(path, what)
+    raw, affine, _ = read_array(path, what)
     if raw.dtype.fields is not None or np.iscomplexobj(raw):
         raise InputError(f"{what}: {path} does not hold scalar real voxels (dtype {raw.dtype})")
     raw = _spatial(raw, path, what)
@@ -118,7 +158,7 @@ def load_image(path, what: str = "image") -> Image:
     lo, hi = float(data.min()), float(data.max())
     if lo == hi:
         raise InputError(f"{what}: {path} is constant (every voxel is {lo:g}); nothing to register")
-    return Image(data, np.asarray(img.affine, dtype=np.float64))
+    return Image(data, affine)
 
 
 def as_label_array(data: np.ndarray, what: str = "label map", path="") -> np.ndarray:
@@ -147,11 +187,10 @@ def load_labels(path, like: Optional[Image] = None, what: str = "label map") -> 
     With ``like``, its shape must match that image's (same grid) and its
     dimensionality must agree.
     """
-    path = _check_readable(path, what)
-    img, raw = _read_nibabel(path, what)
+    raw, affine, _ = read_array(path, what)
     raw = _spatial(raw, path, what)
     labels = as_label_array(raw, what, path)
-    out = Image(labels, np.asarray(img.affine, dtype=np.float64))
+    out = Image(labels, affine)
     if like is not None and out.shape != like.shape:
         raise InputError(f"{what}: {path} has shape {out.shape} but its image has shape {like.shape}; "
                          "a label map must be on its image's grid")
@@ -183,10 +222,35 @@ def _spatial_for_file(data: np.ndarray) -> np.ndarray:
     return data[:, :, None] if data.ndim == 2 else data
 
 
+def check_image_output(path) -> str:
+    """'nifti' or 'itk' from an output path's suffix; anything else is refused."""
+    return _writer(Path(path))
+
+
+def _writer(path: Path) -> str:
+    """'nifti' or 'itk' from the output path's suffix; anything else is refused."""
+    suf = _suffix(path)
+    if suf in (".nii", ".nii.gz"):
+        return "nifti"
+    if suf in (".nrrd", ".mha"):
+        return "itk"
+    raise InputError(f"cannot write {path}: output images are .nii.gz, .nii, .nrrd or .mha")
+
+
+def output_name(stem: str, fmt: str = "nii") -> str:
+    """``stem`` with the suffix of output format ``fmt`` (``OUTPUT_FORMATS``)."""
+    try:
+        return stem + OUTPUT_FORMATS[fmt]
+    except KeyError:
+        raise InputError(f"unknown output format {fmt!r}; choose {', '.join(OUTPUT_FORMATS)}") from None
+
+
 def save_image(image: Image, path) -> Path:
-    """Write an intensity image as float32 NIfTI with its affine."""
+    """Write an intensity image as float32 with its affine (NIfTI, or NRRD/MetaImage by suffix)."""
     path = Path(path)
     data = _spatial_for_file(np.asarray(image.data, dtype=np.float32))
+    if _writer(path) == "itk":
+        return formats.write(data, image.affine, path)
     _nifti(data, image.affine).to_filename(str(path))
     return path
 
@@ -200,10 +264,12 @@ def _label_dtype(labels: np.ndarray):
 
 
 def save_labels(labels, affine, path) -> Path:
-    """Write a label map as NIfTI with the smallest integer dtype that holds its labels."""
+    """Write a label map with the smallest integer dtype that holds its labels (NIfTI, NRRD or MetaImage)."""
     path = Path(path)
     labels = as_label_array(labels)
     data = _spatial_for_file(labels.astype(_label_dtype(labels)))
+    if _writer(path) == "itk":
+        return formats.write(data, affine, path)
     img = _nifti(data, affine)
     img.header.set_intent("label")
     img.to_filename(str(path))
@@ -211,11 +277,13 @@ def save_labels(labels, affine, path) -> Path:
 
 
 def save_itk_displacement(disp_mm_lps: np.ndarray, fixed_affine, path) -> Path:
-    """Write a (*S, 3) LPS-millimetre displacement as an ITK displacement-field NIfTI.
+    """Write a (*S, 3) LPS-millimetre displacement as an ITK displacement field.
 
-    Shape (X, Y, Z, 1, 3) (2D: (X, Y, 1, 1, 3)), float32, intent vector,
-    affine = the fixed image's, so ITK/ANTs/Slicer read it as a transform that
-    maps fixed physical points into the moving image.
+    NIfTI: shape (X, Y, Z, 1, 3) (2D: (X, Y, 1, 1, 3)), float32, intent
+    vector; NRRD/MetaImage: a 3-component float32 vector image. The affine is
+    the grid's (the fixed image's for the forward field), so ITK/ANTs/Slicer
+    read it as a transform that maps points of that grid's space into the
+    other image's space.
     """
     path = Path(path)
     disp = np.asarray(disp_mm_lps, dtype=np.float32)
@@ -223,6 +291,8 @@ def save_itk_displacement(disp_mm_lps: np.ndarray, fixed_affine, path) -> Path:
         raise ValueError(f"expected a (*S, 3) displacement in mm, got shape {disp.shape}")
     if disp.ndim == 3:  # 2D grid
         disp = disp[:, :, None, :]
+    if _writer(path) == "itk":
+        return formats.write(disp, fixed_affine, path, vector=True)
     data = disp[:, :, :, None, :]
     img = _nifti(data, fixed_affine)
     img.header.set_intent("vector", (), name="DEQReg displacement")
@@ -231,21 +301,32 @@ def save_itk_displacement(disp_mm_lps: np.ndarray, fixed_affine, path) -> Path:
 
 
 def load_itk_displacement(path, what: str = "displacement field") -> Tuple[np.ndarray, np.ndarray]:
-    """Read an ITK displacement-field NIfTI: ((*S, 3) LPS mm, 4x4 affine).
+    """Read an ITK displacement field (NIfTI, NRRD or MetaImage): ((*S, 3) LPS mm, 4x4 RAS affine).
 
     ``S`` is 2D when the file has a single slice, matching how 2D images are read.
     """
     path = _check_readable(path, what)
-    img, raw = _read_nibabel(path, what)
-    if raw.ndim != 5 or raw.shape[3] != 1 or raw.shape[4] != 3:
-        raise InputError(f"{what}: {path} has shape {raw.shape}; an ITK displacement field is (X, Y, Z, 1, 3)")
-    code = int(img.header["intent_code"]) if "intent_code" in img.header else None
-    if code is not None and code != NIFTI_INTENT_VECTOR:
-        raise InputError(f"{what}: {path} has intent code {code}, not {NIFTI_INTENT_VECTOR} (vector)")
-    data = np.asarray(raw, dtype=np.float32)[:, :, :, 0, :]
+    raw, affine, img = read_array(path, what)
+    if img is not None:  # NIfTI / MGZ
+        if raw.ndim != 5 or raw.shape[3] != 1 or raw.shape[4] != 3:
+            raise InputError(f"{what}: {path} has shape {raw.shape}; an ITK displacement field is (X, Y, Z, 1, 3)")
+        code = int(img.header["intent_code"]) if "intent_code" in img.header else None
+        if code is not None and code not in (NIFTI_INTENT_VECTOR, NIFTI_INTENT_DISPVECT):
+            raise InputError(f"{what}: {path} has intent code {code}, not {NIFTI_INTENT_VECTOR} (vector) or "
+                             f"{NIFTI_INTENT_DISPVECT} (displacement vector)")
+        data = np.asarray(raw, dtype=np.float32)[:, :, :, 0, :]
+        if code == NIFTI_INTENT_DISPVECT:  # RAS components, as ITK reads (and Slicer writes) them
+            data = ras_to_lps(data).astype(np.float32)
+    else:
+        if raw.ndim == 3 and raw.shape[-1] == 3:  # a 2D vector image
+            raw = raw[:, :, None, :]
+        if raw.ndim != 4 or raw.shape[-1] != 3:
+            raise InputError(f"{what}: {path} has shape {raw.shape}; an ITK displacement field has 3 "
+                             "components per voxel")
+        data = np.asarray(raw, dtype=np.float32)
     if data.shape[2] == 1:
         data = data[:, :, 0, :]
-    return data, np.asarray(img.affine, dtype=np.float64)
+    return data, affine
 
 
 def itk_displacement_to_voxel(disp_mm_lps: np.ndarray, affine) -> np.ndarray:
@@ -383,6 +464,6 @@ def save_landmarks_csv(points: np.ndarray, path) -> Path:
 
 __all__ = [
     "load_image", "load_labels", "as_label_array", "save_image", "save_labels",
-    "save_itk_displacement", "load_itk_displacement", "itk_displacement_to_voxel",
+    "save_itk_displacement", "load_itk_displacement", "read_array", "output_name", "itk_displacement_to_voxel",
     "load_landmarks", "check_landmark_pair", "save_landmarks_csv", "ras_to_lps",
 ]
