@@ -21,9 +21,11 @@ NIfTI a 5D (X, Y, Z, 1, 3) float32 image with intent NIFTI_INTENT_VECTOR
 from __future__ import annotations
 
 import csv
+import io as _stdio
 import json
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -335,6 +337,55 @@ def itk_displacement_to_voxel(disp_mm_lps: np.ndarray, affine) -> np.ndarray:
     return physical_field_to_voxel(lps_to_ras(disp_mm_lps), affine, ndim)
 
 
+# --- ITK affine transform files ---------------------------------------------------
+
+
+_ITK_AFFINE_TYPES = ("AffineTransform_double_3_3", "AffineTransform_float_3_3",
+                     "MatrixOffsetTransformBase_double_3_3", "MatrixOffsetTransformBase_float_3_3")
+
+
+def save_itk_affine(world_ras: np.ndarray, path) -> Path:
+    """Write a 4x4 RAS world transform (fixed RAS -> moving RAS) as an ITK text transform (.tfm).
+
+    ITK transforms map points of the fixed (output) space to the moving space
+    in LPS, so the file holds diag(-1,-1,1) W diag(-1,-1,1), centre 0.
+    """
+    path = Path(path)
+    lps = formats.FLIP_XY @ np.asarray(world_ras, dtype=np.float64) @ formats.FLIP_XY
+    params = " ".join(repr(float(v)) for v in list(lps[:3, :3].ravel()) + list(lps[:3, 3]))
+    path.write_text("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+                    f"Parameters: {params}\nFixedParameters: 0 0 0\n")
+    return path
+
+
+def load_itk_affine(path, what: str = "affine transform") -> np.ndarray:
+    """The 4x4 RAS matrix of a one-transform ITK text file (.tfm/.txt) holding a 3D affine."""
+    path = _check_readable(path, what)
+    fields = {}
+    try:
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and not key.startswith("#"):
+                fields.setdefault(key.strip(), value.strip())
+        kind = fields.get("Transform")
+        if kind not in _ITK_AFFINE_TYPES:
+            raise InputError(f"{what}: {path} holds a {kind or 'unknown'} transform; expected a 3D affine "
+                             f"({_ITK_AFFINE_TYPES[0]})")
+        params = np.array([float(v) for v in fields["Parameters"].split()], dtype=np.float64)
+        centre = np.array([float(v) for v in fields.get("FixedParameters", "0 0 0").split()], dtype=np.float64)
+        if params.size != 12 or centre.size != 3:
+            raise ValueError("wrong number of parameters")
+    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{what}: cannot read {path} as an ITK affine transform ({exc})") from None
+    A = params[:9].reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = A
+    lps[:3, 3] = params[9:] + centre - A @ centre  # ITK: T(x) = A (x - c) + t + c
+    return formats.FLIP_XY @ lps @ formats.FLIP_XY
+
+
 # --- landmarks ---------------------------------------------------------------------
 
 
@@ -346,54 +397,70 @@ def _parse_float_rows(rows, path: Path, what: str) -> np.ndarray:
     return pts
 
 
-def _read_csv_voxels(path: Path, what: str) -> np.ndarray:
-    """Learn2Reg keypoints: one voxel coordinate per row, comma-separated, optional header."""
+def _parse_csv_voxels(path: Path, what: str):
+    """Learn2Reg keypoints: one voxel coordinate per row, comma-separated, optional header.
+
+    Returns (points (N, k), header row or None)."""
     with open(path, newline="") as fh:
         rows = [[c.strip() for c in row] for row in csv.reader(fh) if any(c.strip() for c in row)]
+    header = None
     if rows:
         try:
             [float(v) for v in rows[0]]
         except ValueError:
-            rows = rows[1:]  # a header line
+            header, rows = rows[0], rows[1:]
     if not rows:
         raise InputError(f"{what}: {path} holds no points")
     widths = {len(r) for r in rows}
     if len(widths) != 1:
         raise InputError(f"{what}: {path} has rows of different lengths {sorted(widths)}")
-    return _parse_float_rows(rows, path, what)
+    return _parse_float_rows(rows, path, what), header
 
 
-def _read_fcsv(path: Path, what: str) -> np.ndarray:
-    """Slicer's markups CSV: '#' header lines name the coordinate system and columns."""
+def _read_csv_voxels(path: Path, what: str) -> np.ndarray:
+    return _parse_csv_voxels(path, what)[0]
+
+
+def _parse_fcsv(path: Path, what: str):
+    """Slicer's markups CSV: '#' header lines name the coordinate system and columns.
+
+    Returns (RAS points (N, 3), system, lines, {line index: row}, x/y/z column indices)."""
     system = "RAS"
     columns = None
-    rows = []
+    rows = {}
     with open(path, newline="") as fh:
-        for line in fh:
-            s = line.strip()
-            if not s:
-                continue
-            if s.startswith("#"):
-                body = s.lstrip("#").strip()
-                key, _, value = body.partition("=")
-                key, value = key.strip().lower(), value.strip()
-                if key == "coordinatesystem":
-                    system = {"0": "RAS", "1": "LPS"}.get(value, value.upper())
-                elif key == "columns":
-                    columns = [c.strip().lower() for c in value.split(",")]
-                continue
-            rows.append(next(csv.reader([s])))
+        lines = fh.read().splitlines()
+    for n, line in enumerate(lines):
+        s = line.strip()
+        if not s:
+            continue
+        if s.startswith("#"):
+            body = s.lstrip("#").strip()
+            key, _, value = body.partition("=")
+            key, value = key.strip().lower(), value.strip()
+            if key == "coordinatesystem":
+                system = {"0": "RAS", "1": "LPS"}.get(value, value.upper())
+            elif key == "columns":
+                columns = [c.strip().lower() for c in value.split(",")]
+            continue
+        rows[n] = next(csv.reader([s]))
     if not rows:
         raise InputError(f"{what}: {path} holds no points")
     idx = [columns.index(c) for c in ("x", "y", "z")] if columns and {"x", "y", "z"} <= set(columns) else [1, 2, 3]
-    if any(len(r) <= max(idx) for r in rows):
+    if any(len(r) <= max(idx) for r in rows.values()):
         raise InputError(f"{what}: {path} has rows without x, y, z columns")
-    pts = _parse_float_rows([[r[i] for i in idx] for r in rows], path, what)
-    return _to_ras(pts, system, path, what)
+    pts = _parse_float_rows([[r[i] for i in idx] for r in rows.values()], path, what)
+    return _to_ras(pts, system, path, what), system, lines, rows, idx
 
 
-def _read_mrk_json(path: Path, what: str) -> np.ndarray:
-    """Slicer's markups JSON: every control point of every markup, in its coordinate system."""
+def _read_fcsv(path: Path, what: str) -> np.ndarray:
+    return _parse_fcsv(path, what)[0]
+
+
+def _parse_mrk_json(path: Path, what: str):
+    """Slicer's markups JSON: every control point of every markup, in its coordinate system.
+
+    Returns (RAS points (N, 3), the parsed document)."""
     try:
         doc = json.loads(path.read_text())
         pts = []
@@ -403,11 +470,15 @@ def _read_mrk_json(path: Path, what: str) -> np.ndarray:
                 pts.append(_to_ras(np.asarray([cp["position"]], dtype=np.float64), system, path, what)[0])
     except InputError:
         raise
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise InputError(f"{what}: {path} is not a Slicer markups JSON file ({type(exc).__name__}: {exc})") from None
     if not pts:
         raise InputError(f"{what}: {path} holds no points")
-    return np.asarray(pts, dtype=np.float64)
+    return np.asarray(pts, dtype=np.float64), doc
+
+
+def _read_mrk_json(path: Path, what: str) -> np.ndarray:
+    return _parse_mrk_json(path, what)[0]
 
 
 def _to_ras(pts: np.ndarray, system: str, path: Path, what: str) -> np.ndarray:
@@ -462,8 +533,102 @@ def save_landmarks_csv(points: np.ndarray, path) -> Path:
     return path
 
 
+# --- points files, read and written back in their own format ---------------------------------
+
+
+POINTS_SUFFIXES = (".csv", ".fcsv", ".mrk.json")
+
+
+def points_kind(path) -> str:
+    """"csv", "fcsv" or "mrk.json" (also for a plain .json), or "" for anything else."""
+    suf = _suffix(Path(path))
+    return {".csv": "csv", ".fcsv": "fcsv", ".mrk.json": "mrk.json", ".json": "mrk.json"}.get(suf, "")
+
+
+def is_points_file(path) -> bool:
+    return bool(points_kind(path))
+
+
+@dataclass
+class PointsFile:
+    """A landmark file as read, so that moved points can be written back in the same format.
+
+    ``kind`` "csv": ``points`` are voxel coordinates (N, k) of some image;
+    "fcsv" / "mrk.json": RAS millimetres (N, 3), whatever system the file uses.
+    """
+    kind: str
+    path: Path
+    points: np.ndarray
+    _extra: tuple = ()
+
+
+def read_points(path, what: str = "points") -> PointsFile:
+    path = _check_readable(path, what)
+    suf = _suffix(path)
+    try:
+        if suf == ".csv":
+            pts, header = _parse_csv_voxels(path, what)
+            out = PointsFile("csv", path, pts, (header,))
+        elif suf == ".fcsv":
+            pts, system, lines, rows, idx = _parse_fcsv(path, what)
+            out = PointsFile("fcsv", path, pts, (system, lines, rows, idx))
+        elif suf in (".mrk.json", ".json"):
+            pts, doc = _parse_mrk_json(path, what)
+            out = PointsFile("mrk.json", path, pts, (doc,))
+        else:
+            raise InputError(f"{what}: {path} is not a points file (expected .csv, .fcsv or .mrk.json)")
+    except UnicodeDecodeError:
+        raise InputError(f"{what}: {path} is not a text file") from None
+    if not np.all(np.isfinite(out.points)):
+        raise InputError(f"{what}: {path} has NaN or infinite coordinates")
+    return out
+
+
+def _from_ras(pts: np.ndarray, system: str) -> np.ndarray:
+    return lps_to_ras(pts) if system == "LPS" else np.asarray(pts, dtype=np.float64)
+
+
+def write_points(pf: PointsFile, points: np.ndarray, path) -> Path:
+    """Write ``points`` (same meaning and order as ``pf.points``) in ``pf``'s format, keeping everything else."""
+    path = Path(path)
+    points = np.asarray(points, dtype=np.float64)
+    if points.shape[0] != pf.points.shape[0]:
+        raise ValueError(f"{points.shape[0]} points for a file of {pf.points.shape[0]}")
+    if pf.kind == "csv":
+        (header,) = pf._extra
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            if header is not None:
+                w.writerow(header)
+            w.writerows([[repr(float(v)) for v in row] for row in points])
+    elif pf.kind == "fcsv":
+        system, lines, rows, idx = pf._extra
+        stored = _from_ras(points, system)
+        lines = list(lines)
+        for (n, row), p in zip(rows.items(), stored):
+            row = list(row)
+            for i, v in zip(idx, p):
+                row[i] = repr(float(v))
+            buf = _stdio.StringIO()
+            csv.writer(buf, lineterminator="").writerow(row)
+            lines[n] = buf.getvalue()
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        (doc,) = pf._extra
+        doc = json.loads(json.dumps(doc))  # a copy
+        k = 0
+        for markup in doc["markups"]:
+            system = str(markup.get("coordinateSystem", "LPS")).upper()
+            for cp in markup.get("controlPoints", []):
+                cp["position"] = [float(v) for v in _from_ras(points[k:k + 1], system)[0]]
+                k += 1
+        path.write_text(json.dumps(doc, indent=4) + "\n")
+    return path
+
+
 __all__ = [
     "load_image", "load_labels", "as_label_array", "save_image", "save_labels",
     "save_itk_displacement", "load_itk_displacement", "read_array", "output_name", "itk_displacement_to_voxel",
-    "load_landmarks", "check_landmark_pair", "save_landmarks_csv", "ras_to_lps",
+    "load_landmarks", "check_landmark_pair", "save_landmarks_csv", "ras_to_lps", "PointsFile", "read_points",
+    "write_points", "save_itk_affine", "load_itk_affine",
 ]

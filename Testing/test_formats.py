@@ -246,6 +246,21 @@ def test_without_simpleitk_the_error_names_the_extra(tmp_path, monkeypatch):
     assert io.load_image(tmp_path / "v.nii.gz").shape == SHAPE
 
 
+@pytest.mark.parametrize("fmt", ["nrrd", "mha"])
+def test_register_format_option_writes_every_image_in_that_format(pair3d, tmp_path, fmt):
+    out = tmp_path / "out"
+    assert main([str(a) for a in ["register", pair3d["fixed"], pair3d["moving"], "--fixed-seg", pair3d["fixed_seg"],
+                                  "--moving-seg", pair3d["moving_seg"], "--out", out, "--max-steps", "2",
+                                  "--device", "cpu", "--format", fmt]]) == 0
+    images = {p.name for p in out.iterdir() if p.suffix not in (".json", ".csv")}
+    assert images == {f"{n}.{fmt}" for n in ("warped", "displacement", "jacobian", "folding_mask", "warped_seg")}
+    fixed = io.load_image(pair3d["fixed"])
+    warped = sitk.ReadImage(str(out / f"warped.{fmt}"))
+    np.testing.assert_allclose(_ras_of_index(warped, (3, 4, 5)), fixed.affine[:3] @ np.r_[3, 4, 5, 1], atol=1e-6)
+    assert sitk.ReadImage(str(out / f"warped_seg.{fmt}")).GetPixelID() == sitk.sitkUInt8
+    field, aff = io.load_itk_displacement(out / f"displacement.{fmt}")
+    assert field.shape == fixed.shape + (3,)
+
 # --- displacement fields and affines for other tools ---------------------------------------
 
 
@@ -284,17 +299,24 @@ def test_displacement_field_formats_read_by_simpleitk_and_slicer(tmp_path, suffi
         np.testing.assert_allclose(t.TransformPoint(*x), y, atol=1e-3)
 
 
-@pytest.mark.parametrize("fmt", ["nrrd", "mha"])
-def test_register_format_option_writes_every_image_in_that_format(pair3d, tmp_path, fmt):
-    out = tmp_path / "out"
-    assert main([str(a) for a in ["register", pair3d["fixed"], pair3d["moving"], "--fixed-seg", pair3d["fixed_seg"],
-                                  "--moving-seg", pair3d["moving_seg"], "--out", out, "--max-steps", "2",
-                                  "--device", "cpu", "--format", fmt]]) == 0
-    images = {p.name for p in out.iterdir() if p.suffix not in (".json", ".csv")}
-    assert images == {f"{n}.{fmt}" for n in ("warped", "displacement", "jacobian", "folding_mask", "warped_seg")}
-    fixed = io.load_image(pair3d["fixed"])
-    warped = sitk.ReadImage(str(out / f"warped.{fmt}"))
-    np.testing.assert_allclose(_ras_of_index(warped, (3, 4, 5)), fixed.affine[:3] @ np.r_[3, 4, 5, 1], atol=1e-6)
-    assert sitk.ReadImage(str(out / f"warped_seg.{fmt}")).GetPixelID() == sitk.sitkUInt8
-    field, aff = io.load_itk_displacement(out / f"displacement.{fmt}")
-    assert field.shape == fixed.shape + (3,)
+def test_itk_affine_file_round_trip_with_simpleitk(tmp_path):
+    rng = np.random.default_rng(1)
+    W = np.eye(4)
+    W[:3, :3] = np.linalg.qr(rng.normal(size=(3, 3)))[0] @ np.diag([1.1, 0.9, 1.05])
+    W[:3, 3] = [4.0, -3.0, 2.5]
+    io.save_itk_affine(W, tmp_path / "a.tfm")
+    tf = sitk.ReadTransform(str(tmp_path / "a.tfm"))
+    for x in rng.normal(scale=50, size=(4, 3)):
+        np.testing.assert_allclose(LPS @ tf.TransformPoint(tuple(LPS @ x)), W[:3, :3] @ x + W[:3, 3], atol=1e-9)
+    # An ITK affine with a centre of rotation, written by SimpleITK, reads as the same mapping.
+    a = sitk.AffineTransform(3)
+    a.SetMatrix(tuple(rng.normal(size=9) * 0.1 + np.eye(3).ravel()))
+    a.SetTranslation((1.0, 2.0, -3.0))
+    a.SetCenter((10.0, -5.0, 7.0))
+    sitk.WriteTransform(a, str(tmp_path / "b.tfm"))
+    M = io.load_itk_affine(tmp_path / "b.tfm")
+    for x in rng.normal(scale=50, size=(4, 3)):
+        np.testing.assert_allclose(M[:3, :3] @ x + M[:3, 3], LPS @ a.TransformPoint(tuple(LPS @ x)), atol=1e-9)
+    (tmp_path / "c.tfm").write_text("#Insight Transform File V1.0\nTransform: BSplineTransform_double_3_3\n")
+    with pytest.raises(InputError, match="expected a 3D affine"):
+        io.load_itk_affine(tmp_path / "c.tfm")
