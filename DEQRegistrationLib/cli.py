@@ -346,18 +346,20 @@ def publish(out: Path, fill: Callable[[Path], None]) -> None:
 
 
 def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional[Callable] = None,
-            extra_files: Optional[Callable] = None):
+            extra_files: Optional[Callable] = None, progress: Optional[Callable] = None):
     """Register, measure, write: the shared core of ``register`` and ``demo``. Returns (result, metrics).
 
     ``extra_metrics(result) -> dict`` adds entries to metrics.json;
     ``extra_files(folder, result, metrics)`` writes more files into the
     temporary folder, so they too appear only with a complete run.
+    ``progress(p)``, when given, replaces the progress bar (``deqreg batch`` draws its own).
     """
-    bar = ProgressBar(desc)
+    bar = ProgressBar(desc) if progress is None else None
     try:
-        result = run_register(job, bar)
+        result = run_register(job, bar or progress)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     metrics = compute_metrics(job, result)
     if extra_metrics is not None:
         metrics.update(extra_metrics(result))
@@ -382,7 +384,8 @@ def summary_line(metrics: Dict) -> str:
     return ", ".join(parts)
 
 
-def cmd_register(args) -> int:
+def cmd_register(args, progress: Optional[Callable] = None) -> int:
+    """``deqreg register``; ``deqreg batch`` runs it per pair with its own ``progress`` and no closing line."""
     out = check_out_dir(Path(args.out), args.overwrite,
                         [args.fixed, args.moving, args.fixed_seg, args.moving_seg,
                          args.fixed_landmarks, args.moving_landmarks])
@@ -390,8 +393,9 @@ def cmd_register(args) -> int:
     model, update = resolve_model(args.model, args.update, job.fixed.ndim)
     job.settings = make_settings(update=update, model=model, solver=args.solver, max_steps=args.max_steps,
                                  tol=args.tol, device=args.device)
-    _, metrics = execute(job, out)
-    print(f"{PROG}: wrote {out} ({summary_line(metrics)})")
+    _, metrics = execute(job, out, progress=progress)
+    if progress is None:
+        print(f"{PROG}: wrote {out} ({summary_line(metrics)})")
     return 0
 
 
