@@ -55,17 +55,26 @@ def _reason(exc: BaseException) -> str:
 
 
 class _Quiet:
-    """Silence ITK's warning window for a read (its warnings would break the one-line error output)."""
+    """Around a SimpleITK call: silence ITK's warning window (its warnings would break the one-line error
+    output) and give the process its C locale back (GDCM's DICOM writer sets LC_ALL to "C", after which
+    Python writes text files as ASCII)."""
 
     def __init__(self, sitk):
         self.sitk = sitk
 
     def __enter__(self):
+        import locale
+
         self.before = self.sitk.ProcessObject.GetGlobalWarningDisplay()
+        self.locale = locale.setlocale(locale.LC_ALL)
         self.sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
     def __exit__(self, *exc):
+        import locale
+
         self.sitk.ProcessObject.SetGlobalWarningDisplay(self.before)
+        if locale.setlocale(locale.LC_ALL) != self.locale:
+            locale.setlocale(locale.LC_ALL, self.locale)
 
 
 # --- geometry ----------------------------------------------------------------------
@@ -256,5 +265,6 @@ def write(data: np.ndarray, affine: np.ndarray, path: Path, vector: bool = False
     img.SetOrigin(origin)
     img.SetSpacing(spacing)
     img.SetDirection(direction)
-    sitk.WriteImage(img, str(path), useCompression=True)
+    with _Quiet(sitk):
+        sitk.WriteImage(img, str(path), useCompression=True)
     return path

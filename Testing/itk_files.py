@@ -6,6 +6,7 @@ to DICOM's LPS ImagePositionPatient / ImageOrientationPatient / PixelSpacing).
 """
 from __future__ import annotations
 
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,15 @@ def write_dicom_series(folder, data, affine, uid="1.2.826.0.1.3680043.2.1125.7.1
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     paths = []
+    saved_locale = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_slices(sitk, writer, img, tags, uid, folder, paths)
+    finally:  # GDCM's writer sets LC_ALL to "C": Python would then write text files as ASCII
+        locale.setlocale(locale.LC_ALL, saved_locale)
+    return paths
+
+
+def _write_slices(sitk, writer, img, tags, uid, folder, paths):
     for k in range(img.GetDepth()):
         s = img[:, :, k]
         for tag, value in tags:
@@ -61,7 +71,6 @@ def write_dicom_series(folder, data, affine, uid="1.2.826.0.1.3680043.2.1125.7.1
         writer.SetFileName(str(path))
         writer.Execute(s)
         paths.append(path)
-    return paths
 
 
 def dicom_affine_from_tags(files):

@@ -162,9 +162,26 @@ def _series(tmp_path, name="dcm", affine=None, uid="1.2.826.0.1.3680043.2.1125.7
     return tmp_path / name, files, data, affine
 
 
+def test_simpleitk_calls_give_the_locale_back():
+    """GDCM's DICOM writer sets LC_ALL to "C" (Python then writes text files as ASCII): the library's
+    SimpleITK calls, and the test helper, restore the caller's locale."""
+    import locale
+
+    from DEQRegistrationLib import formats
+
+    before = locale.setlocale(locale.LC_ALL)
+    with formats._Quiet(sitk):
+        locale.setlocale(locale.LC_ALL, "C")
+    assert locale.setlocale(locale.LC_ALL) == before
+
+
 @pytest.mark.parametrize("modality", ["CT", "MR"])
 def test_dicom_series_oblique_anisotropic(tmp_path, modality):
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
     folder, files, data, aff = _series(tmp_path, modality=modality)
+    assert locale.setlocale(locale.LC_ALL) == before
     img = io.load_image(folder)
     np.testing.assert_array_equal(img.data, data)  # rescale slope applied, exact in float32
     np.testing.assert_allclose(img.affine, aff, atol=1e-6)
