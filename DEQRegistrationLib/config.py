@@ -29,7 +29,7 @@ from .errors import InputError
 UPDATES = ("learned", "gradient", "hybrid")
 MODEL_UPDATES = ("learned", "hybrid")
 SOLVER_NAMES = ("anderson", "fixed-point")
-SIMILARITIES = ("lncc", "mse")
+SIMILARITIES = ("lncc", "mse", "mind")  # similarity.SIMILARITIES (a test keeps them equal)
 CONFIG_VERSION = 2
 
 
