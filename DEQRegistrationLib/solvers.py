@@ -19,8 +19,12 @@ import torch
 Callback = Callable[[int, float, torch.Tensor], Optional[bool]]
 
 #: the relative residual every solver reports and every tolerance applies to
-RESIDUAL_DEFINITION = ("||f(z) - z|| / ||f(z)||, per batch item, maximum over the batch (near the fixed point "
-                       "this equals ||f(z) - z|| / ||z||; unlike that form it is finite at the zero initial field)")
+RESIDUAL_DEFINITION = ("||f(z) - z|| / max(||f(z)||, 1e-3 sqrt(n)), per batch item (n values), maximum over the "
+                       "batch: relative to the field, or to an RMS field of 1e-3 voxel when the field is smaller "
+                       "(near the fixed point this equals ||f(z) - z|| / ||z||; unlike that form it is finite at "
+                       "the zero initial field and meaningful at a zero solution, e.g. an image registered to itself)")
+#: the RMS field size (voxels) below which the residual is measured against this size instead of the field's
+RESIDUAL_FLOOR = 1e-3
 
 
 @dataclass
@@ -40,7 +44,8 @@ class SolverResult:
 def relative_residual(fz: torch.Tensor, z: torch.Tensor) -> float:
     """``RESIDUAL_DEFINITION``."""
     diff = (fz - z).flatten(1).norm(dim=1)
-    scale = fz.flatten(1).norm(dim=1).clamp_min(1e-12)
+    floor = RESIDUAL_FLOOR * fz[0].numel() ** 0.5
+    scale = fz.flatten(1).norm(dim=1).clamp_min(floor)
     return float((diff / scale).max())
 
 
