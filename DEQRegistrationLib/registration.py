@@ -27,7 +27,7 @@ from .operators import GradientUpdate, UpdateOperator
 from .preprocess import check_pair, normalize_intensity, pad_to_multiple, to_tensor
 from .sampling import Sampler
 from .solvers import solve
-from .transforms import downsample_image, upsample_field
+from .transforms import downsample_image, jacobian_determinant, upsample_field
 
 #: what a bare operator object (no stored ModelConfig) runs with
 BARE_OPERATOR_PLAN = dict(solver="anderson", max_steps=48, tol=1e-3)
@@ -285,6 +285,7 @@ class _Registration:
     def _result(self, disp: torch.Tensor, converged: bool, stopped: bool) -> RegistrationResult:
         with torch.no_grad():
             warped = self.sampler.image(self.moving_t, disp)[0, 0].cpu().numpy()
+            jacobian = jacobian_determinant(disp)[0].cpu().numpy()
         disp_np = disp[0].cpu().numpy().astype(np.float32)
         warped_labels = None
         if self.moving_labels is not None:
@@ -294,7 +295,7 @@ class _Registration:
             displacement=disp_np,
             fixed_affine=self.fixed.affine.copy(),
             moving_affine=self.moving.affine.copy(),
-            jacobian=metrics.jacobian_determinant(disp_np),
+            jacobian=jacobian,
             trace=self.trace,
             steps=len(self.trace),
             converged=bool(converged),

@@ -74,3 +74,34 @@ def upsample_field(disp: torch.Tensor, factor: int) -> torch.Tensor:
         return disp
     mode = "trilinear" if disp.dim() == 5 else "bilinear"
     return F.interpolate(disp, scale_factor=factor, mode=mode, align_corners=False) * factor
+
+
+def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
+    """det(I + grad u) of (B, ndim, *S) voxel-unit fields: (B, *S), on the field's device.
+
+    The same differences as ``metrics.jacobian_determinant`` (numpy's
+    ``gradient``: central inside, one-sided at the border), so both give the
+    same numbers; this one runs where the field is (GPU, or all CPU threads).
+    """
+    ndim = disp.shape[1]
+    grads = []  # grads[b] = d u / d x_b, (B, ndim, *S)
+    for b in range(ndim):
+        dim = 2 + b
+        n = disp.shape[dim]
+        g = torch.empty_like(disp)
+        if n < 2:
+            g.zero_()
+        else:
+            g.narrow(dim, 1, n - 2).copy_((disp.narrow(dim, 2, n - 2) - disp.narrow(dim, 0, n - 2)) * 0.5)
+            g.narrow(dim, 0, 1).copy_(disp.narrow(dim, 1, 1) - disp.narrow(dim, 0, 1))
+            g.narrow(dim, n - 1, 1).copy_(disp.narrow(dim, n - 1, 1) - disp.narrow(dim, n - 2, 1))
+        grads.append(g)
+
+    def J(a, b):
+        return grads[b][:, a] + (1.0 if a == b else 0.0)
+
+    if ndim == 2:
+        return J(0, 0) * J(1, 1) - J(0, 1) * J(1, 0)
+    return (J(0, 0) * (J(1, 1) * J(2, 2) - J(1, 2) * J(2, 1))
+            - J(0, 1) * (J(1, 0) * J(2, 2) - J(1, 2) * J(2, 0))
+            + J(0, 2) * (J(1, 0) * J(2, 1) - J(1, 1) * J(2, 0)))
