@@ -39,3 +39,19 @@ def test_same_grid_sampler_skips_the_matrix_and_matches_the_general_path():
     t = torch.as_tensor(data)[None, None]
     torch.testing.assert_close(fast.image(t), t)
     assert fast.image(t) is not t  # a copy, never the caller's tensor
+
+
+def test_stored_gzip_outputs_are_valid_and_exact(tmp_path):
+    """compresslevel=0 (the CLI's choice for float fields) still writes a .nii.gz every reader opens."""
+    from DEQRegistrationLib import io
+
+    rng = np.random.default_rng(2)
+    disp = rng.normal(size=(6, 5, 4, 3)).astype(np.float32)
+    aff = oblique_affine()
+    for level in (0, 1):
+        path = io.save_itk_displacement(disp, aff, tmp_path / f"d{level}.nii.gz", compresslevel=level)
+        assert path.read_bytes()[:2] == b"\x1f\x8b"  # gzip magic
+        back, back_aff = io.load_itk_displacement(path)
+        np.testing.assert_array_equal(back, disp)
+        np.testing.assert_allclose(back_aff, aff)
+    assert (tmp_path / "d0.nii.gz").stat().st_size > (tmp_path / "d1.nii.gz").stat().st_size
