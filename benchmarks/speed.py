@@ -33,10 +33,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from DEQRegistrationLib import Image, register  # noqa: E402  (first: it sets OMP_WAIT_POLICY before torch loads)
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from DEQRegistrationLib import Image, register  # noqa: E402
 from DEQRegistrationLib.networks import UNet  # noqa: E402
 from DEQRegistrationLib.operators import GradientUpdate, LearnedUpdate  # noqa: E402
 
@@ -195,8 +196,8 @@ def main(argv=None):
         if args.json:
             print(json.dumps(dict(rows=rows, load_average=load, threads=args.threads), indent=1))
         else:
-            print(f"{args.threads} threads; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after "
-                  f"({os.cpu_count()} cores)")
+            print(f"{args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; 1-minute load "
+                  f"average {load[0]:.1f} before, {load[1]:.1f} after ({os.cpu_count()} cores)")
             print_oasis(rows)
         return 0
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
