@@ -156,10 +156,10 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
         reg = ridge * Hk.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)
         Hk = Hk + reg.view(B, 1, 1) * torch.eye(k, dtype=H.dtype, device=H.device)
         ones = torch.ones(B, k, 1, dtype=H.dtype, device=H.device)
-        try:
-            w = torch.linalg.solve(Hk, ones)
-        except RuntimeError:  # singular despite the ridge: equal weights, the mean of the history
-            w = ones
+        # solve_ex reports a singular system in ``info`` instead of raising (no host sync on a GPU);
+        # singular despite the ridge: equal weights, the mean of the history
+        w, info = torch.linalg.solve_ex(Hk, ones)
+        w = torch.where((info == 0).view(B, 1, 1) & torch.isfinite(w).all(1, keepdim=True), w, ones)
         alpha = (w / w.sum(1, keepdim=True)).transpose(1, 2)  # (B, 1, k)
         z_new = torch.bmm(alpha, Fx[:, :k]).squeeze(1)
         if beta != 1.0:  # mix with the history's z = f(z) - g
