@@ -10,8 +10,9 @@ OAS1_0002 moving, 35 labels) it runs, in one process and one run, ANTs SyNOnly
 (antspyx defaults; when antspyx is installed: ``pip install 'deqreg[peers]'``),
 this project's ``register()`` and the whole ``deqreg register`` command (a
 subprocess: start-up, reading, registration, metrics, writing), and prints
-Dice (mean over the labels present in both maps), % folded voxels, the time
-and the ratio to ANTs' time. Ratios are within one run: the machine may be
+Dice (mean over the labels present in both maps), % folded voxels, the wall
+time and CPU time (all threads; the subprocess's for the command) and their
+ratios to ANTs'. CPU time is the steadier figure on a shared machine. Ratios are within one run: the machine may be
 shared, so absolute times are noisy; ``--repeats`` interleaves the methods and
 reports each one's median. CUDA rows are added when a GPU is present.
 
@@ -94,9 +95,9 @@ def run_ants(paths, threads):
     import nibabel as nib
 
     f, m, fs, ms = (ants.image_read(str(p)) for p in paths)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     reg = ants.registration(f, m, type_of_transform="SyNOnly")
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - c
     warped_seg = ants.apply_transforms(f, ms, reg["fwdtransforms"], interpolator="genericLabel").numpy()
     # the forward warp: LPS millimetres on the fixed grid -> voxel units, for the same Jacobian as ours
     warp = ants.image_read(reg["fwdtransforms"][0]).numpy()
@@ -105,7 +106,7 @@ def run_ants(paths, threads):
     dice, folding = _dice_and_folding(fs.numpy().astype(np.int64), np.rint(warped_seg).astype(np.int64),
                                       ms.numpy().astype(np.int64), disp)
     return dict(method="ANTs SyNOnly (antspyx)", device="cpu", dice=dice, folding_percent=folding,
-                converged=None, steps=None, seconds=seconds)
+                converged=None, steps=None, seconds=seconds, cpu_seconds=cpu)
 
 
 def run_library(paths, device):
@@ -116,12 +117,12 @@ def run_library(paths, device):
         return Image(np.asarray(img.dataobj), img.affine)
 
     f, m, fs, ms = (load(p) for p in paths)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     res = register(f, m, moving_labels=ms.data, device=device)
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - c
     dice, folding = _dice_and_folding(fs.data, res.warped_labels, ms.data, res.displacement)
     return dict(method="register() (library)", device=device, dice=dice, folding_percent=folding,
-                converged=res.converged, steps=res.steps, seconds=seconds)
+                converged=res.converged, steps=res.steps, seconds=seconds, cpu_seconds=cpu)
 
 
 def run_command(paths, device):
@@ -131,15 +132,21 @@ def run_command(paths, device):
         cmd = [sys.executable, "-m", "DEQRegistrationLib.cli", "register", str(paths[0]), str(paths[1]),
                "--fixed-seg", str(paths[2]), "--moving-seg", str(paths[3]), "--out", out, "--device", device]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         if proc.returncode != 0:
             raise RuntimeError(f"deqreg register failed: {proc.stderr.strip().splitlines()[-1:]}")
         with open(os.path.join(out, "metrics.json")) as fh:
             m = json.load(fh)
     return dict(method="deqreg register (whole command)", device=device, dice=m["dice_mean"],
-                folding_percent=m["folding_percent"], converged=m["converged"], steps=m["steps"], seconds=seconds)
+                folding_percent=m["folding_percent"], converged=m["converged"], steps=m["steps"], seconds=seconds,
+                cpu_seconds=cpu)
 
 
 def oasis_comparison(folder, repeats, threads):
@@ -162,20 +169,23 @@ def oasis_comparison(folder, repeats, threads):
         row = dict(rs[int(np.argsort([r["seconds"] for r in rs])[len(rs) // 2])])  # the median run
         row["seconds_all"] = [round(r["seconds"], 2) for r in rs]
         rows.append(row)
-    ants_s = next((r["seconds"] for r in rows if r["method"].startswith("ANTs")), None)
+    ants = next((r for r in rows if r["method"].startswith("ANTs")), None)
     for r in rows:
-        r["ratio_to_ants"] = None if ants_s is None else r["seconds"] / ants_s
+        r["ratio_to_ants"] = None if ants is None else r["seconds"] / ants["seconds"]
+        r["cpu_ratio_to_ants"] = None if ants is None else r["cpu_seconds"] / ants["cpu_seconds"]
     return rows
 
 
 def print_oasis(rows):
     print(f"{'method':<34} {'device':<6} {'Dice':>6} {'folded %':>9} {'conv.':>6} {'steps':>6} "
-          f"{'seconds':>8} {'x ANTs':>7}")
+          f"{'seconds':>8} {'x ANTs':>7} {'CPU s':>7} {'x ANTs':>7}")
     for r in rows:
         conv = "-" if r["converged"] is None else ("yes" if r["converged"] else "no")
         ratio = "-" if r["ratio_to_ants"] is None else f"{r['ratio_to_ants']:.2f}"
+        cpu_ratio = "-" if r["cpu_ratio_to_ants"] is None else f"{r['cpu_ratio_to_ants']:.2f}"
         print(f"{r['method']:<34} {r['device']:<6} {r['dice']:>6.3f} {r['folding_percent']:>9.3f} {conv:>6} "
-              f"{r['steps'] if r['steps'] is not None else '-':>6} {r['seconds']:>8.1f} {ratio:>7}")
+              f"{r['steps'] if r['steps'] is not None else '-':>6} {r['seconds']:>8.1f} {ratio:>7} "
+              f"{r['cpu_seconds']:>7.1f} {cpu_ratio:>7}")
 
 
 def main(argv=None):
