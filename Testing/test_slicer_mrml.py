@@ -1,9 +1,12 @@
 """MRML conversions of the Slicer module, on real MRML from the slicer-core wheel (no Slicer app).
 
-Covers axis order and geometry (oblique, anisotropic, 2D, linear and
-non-linear parent transforms), the grid transform's RAS mapping and events,
-label maps and segmentations, the folding colour table, the plot table and
-the parameter node surviving a scene save/load.
+Covers axis order and geometry (oblique, anisotropic, 2D), parent transforms
+(none, linear, non-linear) on the reference volume and on label maps and
+segmentations, every combination checked against where the labels are shown
+in world coordinates (issue 9, defect 2); no node left behind by a
+segmentation export (defect 8); the grid transform's RAS mapping and events;
+the folding colour table; the plot table; the parameter node surviving a
+scene save/load.
 """
 import os
 import sys
@@ -137,6 +140,122 @@ def test_labelmap_on_another_grid_is_resampled_nearest():
     assert out.shape == (10, 10, 10)
     assert set(np.unique(out)) == {0, 4}
     assert out[3, 3, 3] == 4 and out[8, 8, 8] == 0
+
+
+# --- parent transforms on label maps, segmentations and their reference volume (issue 9, defect 2) -----------
+
+GRID_SHAPE = (22, 24, 26)  # (k, j, i)
+GRID_AFFINE = testing.oblique_affine((1.5, 1.3, 1.7), 15.0, (-16.0, -14.0, -18.0))
+LABEL_CENTRES = np.array([[-3.0, 2.0, 1.0], [5.0, -4.0, -2.0]])
+
+
+def world_labels(points):
+    """Two labelled balls in world (RAS) coordinates: the truth every arrangement must reproduce."""
+    out = np.zeros(len(points), np.int16)
+    for value, centre in enumerate(LABEL_CENTRES, start=1):
+        out[np.linalg.norm(points - centre, axis=1) < 4.5] = value
+    return out
+
+
+def non_hierarchy_nodes(scene):
+    """Node IDs, without the subject hierarchy (a singleton Slicer always has; a bare scene gets it on first use)."""
+    nodes = (scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes()))
+    return {n.GetID() for n in nodes if not n.IsA("vtkMRMLSubjectHierarchyNode")}
+
+
+def put_under(node, kind, scene):
+    """Put ``node`` under a transform of ``kind`` without changing where it is shown in world coordinates.
+
+    linear: a rigid motion M, with the node's IJKToRAS moved by M^-1; non-linear: a
+    grid transform whose FromParent displacement is a constant d (world x shows
+    local x + d), with the node's IJKToRAS moved by +d. The grid transform is a
+    vtkOrientedGridTransform, so Slicer treats it as non-linear (resampling).
+    """
+    if kind == "none":
+        return
+    if kind == "linear":
+        M = testing.oblique_affine((1, 1, 1), 20.0, (5.0, -3.0, 4.0), axis=(0.3, 0.8, 0.5))
+        t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        t.SetMatrixTransformToParent(mrml._array_to_matrix(M))
+        local = np.linalg.inv(M)
+    else:
+        d = np.array([5.0, -2.0, 3.0])
+        t = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+        big = np.diag([4.0, 4.0, 4.0, 1.0])
+        big[:3, 3] = -40.0
+        mrml.update_grid_transform(t, np.broadcast_to(d, (21, 21, 21, 3)).astype(np.float32), big)
+        local = np.eye(4)
+        local[:3, 3] = d
+    if node.IsA("vtkMRMLSegmentationNode"):
+        node.ApplyTransformMatrix(mrml._array_to_matrix(local)) if kind == "linear" else _shift_segmentation(node, d)
+    else:
+        node.SetIJKToRASMatrix(mrml._array_to_matrix(local @ mrml.ijk_to_ras(node)))
+    node.SetAndObserveTransformNodeID(t.GetID())
+
+
+def _shift_segmentation(seg, d):
+    m = np.eye(4)
+    m[:3, 3] = d
+    seg.ApplyTransformMatrix(mrml._array_to_matrix(m))
+
+
+def labels_node(kind, scene):
+    """A label map (on its own grid, not the reference's) or a segmentation made from it."""
+    A = testing.oblique_affine((1.2, 1.1, 1.4), -10.0, (-15.0, -16.0, -14.0), axis=(0.6, 0.1, 0.8))
+    shape = (26, 28, 24)
+    arr = world_labels(testing.ras_grid(shape, A)).reshape(shape)
+    lab = slicer.util.addVolumeFromArray(arr, A, "labels", "vtkMRMLLabelMapVolumeNode")
+    if kind == "labelmap":
+        return lab
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lab, seg)
+    scene.RemoveNode(lab)
+    return seg
+
+
+@pytest.mark.parametrize("kind", ["labelmap", "segmentation"])
+@pytest.mark.parametrize("labels_parent", ["none", "linear", "nonlinear"])
+@pytest.mark.parametrize("reference_parent", ["none", "linear", "nonlinear"])
+def test_labels_land_where_they_are_shown(scene, kind, labels_parent, reference_parent):
+    """Labels on the reference volume's library grid equal the world truth at that grid's voxels."""
+    ref = slicer.util.addVolumeFromArray(np.zeros(GRID_SHAPE, np.float32), GRID_AFFINE, "reference")
+    put_under(ref, reference_parent, scene)
+    labels = labels_node(kind, scene)
+    put_under(labels, labels_parent, scene)
+    data, affine = mrml.volume_to_library(ref)
+    nodes = non_hierarchy_nodes(scene)
+    out = mrml.labels_to_library(labels, ref, data.shape, affine)
+    assert non_hierarchy_nodes(scene) == nodes  # nothing left behind (defect 8)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), -1).reshape(-1, 3)
+    truth = world_labels((affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T).reshape(data.shape)
+    for value in (1, 2):
+        assert (out == value).sum() > 0.5 * (truth == value).sum(), (value, (out == value).sum())
+        got = (affine @ np.r_[np.argwhere(out == value).mean(0), 1.0])[:3]
+        np.testing.assert_allclose(got, LABEL_CENTRES[value - 1], atol=0.7)  # a 5 mm error would show
+    assert np.mean(out == truth) > 0.97
+
+
+def test_volume_under_parent_transform_is_read_where_shown(scene):
+    f = testing.blob_function([[2.0, -3.0, 1.0], [-6.0, 4.0, -2.0]], 4.0)
+    for kind in ("linear", "nonlinear"):
+        node = testing.add_sampled_volume(f, GRID_SHAPE, GRID_AFFINE, kind)
+        put_under(node, kind, scene)
+        data, affine = mrml.volume_to_library(node)
+        ijk = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), -1).reshape(-1, 3)
+        pts = (affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
+        inside = data.reshape(-1) > 0.05  # the hardened copy pads outside the original grid with zeros
+        np.testing.assert_allclose(data.reshape(-1)[inside], f(pts)[inside], atol=0.05)
+
+
+def test_segmentation_export_leaves_no_node_behind(scene):
+    """Issue 9 (8): every export used to leave a '*_ColorTable' node in the scene."""
+    vol = slicer.util.addVolumeFromArray(np.zeros(GRID_SHAPE, np.float32), GRID_AFFINE, "vol")
+    seg = labels_node("segmentation", scene)
+    before = non_hierarchy_nodes(scene)
+    for _ in range(3):
+        mrml.labels_to_library(seg, vol, GRID_SHAPE[::-1], GRID_AFFINE)
+    after = non_hierarchy_nodes(scene)
+    assert after == before, [scene.GetNodeByID(i).GetName() for i in after - before]
 
 
 def test_segmentations_get_matching_values_by_name():

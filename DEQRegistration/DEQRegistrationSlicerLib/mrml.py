@@ -63,8 +63,10 @@ def resampled_copy_array(volumeNode, scene):
     """(kji array, IJKToRAS) of a volume after hardening its non-linear parent, on a copy.
 
     The input node is never modified: the copy lives in the scene only while
-    the transform logic hardens it.
+    the transform logic hardens it (a label map copy is resampled nearest
+    neighbour: Slicer's label map resampling mode).
     """
+    before = _node_ids(scene)
     copy = scene.AddNewNodeByClass(volumeNode.GetClassName(), "DEQReg temporary copy")
     try:
         image = vtk.vtkImageData()
@@ -79,7 +81,7 @@ def resampled_copy_array(volumeNode, scene):
             raise RuntimeError("could not harden the parent transform of " + volumeNode.GetName())
         return np.array(slicer.util.arrayFromVolume(copy)), affine
     finally:
-        scene.RemoveNode(copy)
+        _remove_new_nodes(scene, before, keep_classes=("vtkMRMLSubjectHierarchyNode",))
 
 
 # --- arrays <-> library images ----------------------------------------------------------
@@ -134,12 +136,19 @@ def segment_names(segmentationNode):
 
 
 def segmentation_to_labels(segmentationNode, referenceVolumeNode, name_order, scene):
-    """(labels (i, j[, k]), world affine) of a segmentation exported on a volume's grid.
+    """(labels (i, j[, k]), world affine) of a segmentation, on the reference volume's grid, where it is shown.
 
     Segments get label values by their position in ``name_order`` (1-based),
     so a fixed and a moving segmentation with the same segment names give
     comparable labels; segments not in ``name_order`` get values after them.
-    A linear parent transform of the segmentation is folded into the affine.
+
+    ``ExportSegmentsToLabelmapNode`` already resamples the segmentation into
+    the reference volume's frame *including both parent transforms* and puts
+    the labelmap under the reference volume's parent transform; the labelmap
+    is then read like any volume (``volume_to_library``: a linear parent goes
+    into the affine, a non-linear one is hardened on a copy, nearest
+    neighbour for label maps), so no transform is applied twice. The
+    temporary labelmap and the colour table the export creates are removed.
     """
     seg = segmentationNode.GetSegmentation()
     names = segment_names(segmentationNode)
@@ -150,6 +159,7 @@ def segmentation_to_labels(segmentationNode, referenceVolumeNode, name_order, sc
         else:
             extra += 1
             values[n] = extra
+    before = _node_ids(scene)
     labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "DEQReg temporary labels")
     try:
         out = None
@@ -163,17 +173,26 @@ def segmentation_to_labels(segmentationNode, referenceVolumeNode, name_order, sc
             if out is None:
                 out = np.zeros(mask.shape, dtype=np.int32)
             out[mask > 0] = values[n]
-        affine = ijk_to_ras(labelNode)
+        if out is None:  # no segments: an empty map on the reference grid
+            out = np.zeros(slicer.util.arrayFromVolume(referenceVolumeNode).shape, dtype=np.int32)
+            labelNode.SetIJKToRASMatrix(_array_to_matrix(ijk_to_ras(referenceVolumeNode)))
+            labelNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
+        slicer.util.updateVolumeFromArray(labelNode, out)
+        return volume_to_library(labelNode, scene)
     finally:
-        scene.RemoveNode(labelNode)
-    parent = segmentationNode.GetParentTransformNode()
-    if parent is not None:
-        if not parent.IsTransformToWorldLinear():
-            raise ValueError(f"{segmentationNode.GetName()} has a non-linear transform: harden it first")
-        m = vtk.vtkMatrix4x4()
-        parent.GetMatrixTransformToWorld(m)
-        affine = _matrix_to_array(m) @ affine
-    return kji_to_library(out, affine)
+        _remove_new_nodes(scene, before, keep_classes=("vtkMRMLSubjectHierarchyNode",))
+
+
+def _node_ids(scene):
+    return {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
+
+
+def _remove_new_nodes(scene, before, keep_classes=()):
+    """Remove the nodes added since ``before`` (temporary nodes and what their creation brought along)."""
+    added = [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]
+    for node in added:
+        if node.GetID() not in before and not any(node.IsA(c) for c in keep_classes):
+            scene.RemoveNode(node)
 
 
 def labels_to_library(labelsNode, referenceVolumeNode, reference_shape, reference_affine,
