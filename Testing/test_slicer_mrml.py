@@ -5,8 +5,9 @@ Covers axis order and geometry (oblique, anisotropic, 2D), parent transforms
 segmentations, every combination checked against where the labels are shown
 in world coordinates (issue 9, defect 2); no node left behind by a
 segmentation export (defect 8); the grid transform's RAS mapping and events;
-the folding colour table; the plot table; the parameter node surviving a
-scene save/load.
+the folding colour table; the plot table; the parameter node (its one mapping
+to the library's settings, a scene save/load, the old "UpdateMode" name, the
+auto-selected fixed volume never being a label map).
 """
 import os
 import sys
@@ -319,7 +320,7 @@ def test_parameter_node_survives_scene_save_and_load(scene):
     p.set("MaxSteps", 48)
     p.set("Tolerance", 2.5e-4)
     p.set("Solver", "fixed-point")
-    p.set("UpdateMode", "hybrid")
+    p.set("Update", "hybrid")
     p.setNode("FixedVolume", vol)
     with pytest.raises(ValueError):
         p.set("Solver", "newton")
@@ -334,8 +335,58 @@ def test_parameter_node_survives_scene_save_and_load(scene):
     node = loaded.GetFirstNodeByClass("vtkMRMLScriptedModuleNode")
     q = ParameterNode(node)
     assert q.get("MaxSteps") == 48 and q.get("Tolerance") == pytest.approx(2.5e-4)
-    assert q.get("Solver") == "fixed-point" and q.get("UpdateMode") == "hybrid"
+    assert q.get("Solver") == "fixed-point" and q.get("Update") == "hybrid"
     assert q.get("RefreshEvery") == 5
     assert q.getNode("FixedVolume").GetName() == "fixedVol"
-    kw = q.registrationKwargs()
-    assert kw["maxSteps"] == 48 and kw["model"] == "default" and kw["solver"] == "fixed-point"
+    assert q.settings() == {"update": "hybrid", "max_steps": 48, "tol": 2.5e-4, "solver": "fixed-point",
+                            "device": "auto", "model": "default"}
+
+
+def test_parameter_node_maps_to_the_library_settings_in_one_place(scene):
+    """Every parameter with a setting maps to a real Settings field; choices are the library's; auto values drop."""
+    pytest.importorskip("torch")
+    from DEQRegistrationLib import config
+    from DEQRegistrationSlicerLib import parameters as P
+    fields = set(config.setting_names())
+    assert {p.setting for p in P.PARAMETERS if p.setting} <= fields
+    assert set(P.UPDATES) == set(config.UPDATES) and set(P.SOLVERS) == set(config.SOLVER_NAMES)
+    assert set(P.SIMILARITIES) == set(config.SIMILARITIES)
+    defaults = config.Settings()
+    for p in P.PARAMETERS:
+        if p.setting and p.auto is None:
+            assert p.default == getattr(defaults, p.setting), p.name  # the panel's default is the library's
+    q = ParameterNode.create(scene)
+    assert config.make_settings(**q.settings()) == config.make_settings()  # defaults == library defaults
+    q.set("Similarity", "mse")
+    q.set("DiffusionWeight", 1.5)
+    q.set("MaxSteps", 30)
+    s = config.make_settings(**q.settings())
+    assert (s.similarity, s.diffusion_weight, s.max_steps) == ("mse", 1.5, 30)
+    q.set("Update", "learned")  # a model keeps its own similarity and smoothness: not passed
+    assert config.make_settings(**q.settings()).similarity == "lncc"
+    assert q.settings()["model"] == "default"
+    q.set("Model", "file")
+    q.set("ModelPath", "/some/model.pt")
+    assert q.settings()["model"] == "/some/model.pt"
+    with pytest.raises(ValueError, match="Similarity must be one of"):
+        q.set("Similarity", "mi")
+
+
+def test_old_scenes_update_mode_is_read_as_update(scene):
+    node = slicer.vtkMRMLScriptedModuleNode()
+    node.SetParameter("UpdateMode", "learned")
+    scene.AddNode(node)
+    p = ParameterNode(node)
+    p.setDefaults()
+    assert p.get("Update") == "learned" and not node.GetParameter("UpdateMode")
+
+
+def test_auto_selected_fixed_volume_is_never_a_label_map_or_an_output(scene):
+    """Issue 9 (11): the first scalar volume of the scene used to be taken, label maps included."""
+    slicer.util.addVolumeFromArray(np.zeros((2, 2, 2), np.int16), np.eye(4), "labels", "vtkMRMLLabelMapVolumeNode")
+    out = slicer.util.addVolumeFromArray(np.zeros((2, 2, 2), np.float32), np.eye(4), "old warped")
+    out.SetAttribute("DEQReg.output", "outputVolume")
+    image = slicer.util.addVolumeFromArray(np.zeros((2, 2, 2), np.float32), np.eye(4), "image")
+    p = ParameterNode.create(scene)
+    assert p.selectDefaultInputs(scene) is image and p.getNode("FixedVolume") is image
+    assert p.selectDefaultInputs(scene) is None  # a selection is kept

@@ -339,6 +339,36 @@ def show_folding_colors(foldingNode):
     display.SetWindowLevelMinMax(lo, hi)
 
 
+def ramp_color_node(scene, name, rgb):
+    """A colour table from black to ``rgb`` (created once per scene, found by name)."""
+    node = scene.GetFirstNodeByName(name)
+    if node is not None and node.IsA("vtkMRMLColorTableNode"):
+        return node
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+    node.SetTypeToUser()
+    n = 256
+    node.SetNumberOfColors(n)
+    for idx in range(n):
+        t = idx / (n - 1)
+        node.SetColor(idx, f"{t:.2f}", t * rgb[0], t * rgb[1], t * rgb[2], 1.0)
+    node.SetAttribute("Category", "DEQRegistration")
+    return node
+
+
+def show_with_colors(volumeNode, colorNode, window_level=None):
+    """Display a volume with a colour table; auto window/level unless ``(window, level)`` is given."""
+    if volumeNode.GetDisplayNode() is None:
+        volumeNode.CreateDefaultDisplayNodes()
+    display = volumeNode.GetDisplayNode()
+    display.SetAndObserveColorNodeID(colorNode.GetID())
+    if window_level is None:
+        display.AutoWindowLevelOn()
+    else:
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(*window_level)
+    return display
+
+
 # --- convergence plot ---------------------------------------------------------------------
 
 

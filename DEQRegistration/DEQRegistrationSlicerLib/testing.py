@@ -1,4 +1,4 @@
-"""Synthetic test volumes and RAS checks shared by the pytest suite and the in-Slicer self-test.
+"""Synthetic test volumes, RAS checks and a layout-manager stand-in, shared by the pytest suite and the self-test.
 
 Kept in the package (not in Testing/) because the module's
 ScriptedLoadableModuleTest runs inside Slicer, where only installed files exist.
@@ -86,5 +86,37 @@ def resample_into(volumeNode, refShapeKJI, refAffine):
     return vals.reshape(refShapeKJI)
 
 
-__all__ = ["oblique_affine", "centred_affine", "blob_function", "ras_grid", "add_sampled_volume",
+class LayoutManagerStandIn:
+    """What Slicer's layout manager does to the scene, without Qt: for tests on ``slicer-core``.
+
+    Slicer's ``qMRMLLayoutManager`` keeps a ``vtkMRMLLayoutLogic`` (which
+    creates the view nodes of the current arrangement) and, for every slice
+    view it shows, a ``vtkMRMLSliceLogic`` registered with the application
+    logic (which creates the view's slice composite node). This stand-in
+    does the same whenever the layout node changes; it draws nothing.
+    """
+
+    def __init__(self, scene):
+        self.scene = scene
+        self.appLogic = slicer.vtkMRMLApplicationLogic()
+        self.appLogic.SetMRMLScene(scene)
+        self.appLogic.SetSliceLogics(vtk.vtkCollection())
+        self.layoutLogic = slicer.vtkMRMLLayoutLogic()
+        self.layoutLogic.SetMRMLScene(scene)
+        self.layoutNode = self.layoutLogic.GetLayoutNode()
+        self.layoutNode.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda *args: self.createViews())
+        self.createViews()
+
+    def createViews(self):
+        for n in range(self.scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+            sliceNode = self.scene.GetNthNodeByClass(n, "vtkMRMLSliceNode")
+            if self.appLogic.GetSliceLogicByLayoutName(sliceNode.GetLayoutName()) is None:
+                logic = slicer.vtkMRMLSliceLogic()
+                logic.SetMRMLApplicationLogic(self.appLogic)
+                logic.SetMRMLScene(self.scene)
+                logic.SetSliceNode(sliceNode)
+                self.appLogic.GetSliceLogics().AddItem(logic)
+
+
+__all__ = ["LayoutManagerStandIn", "oblique_affine", "centred_affine", "blob_function", "ras_grid", "add_sampled_volume",
            "transform_points_from_parent", "resample_into", "world_affine", "_array_to_matrix"]
