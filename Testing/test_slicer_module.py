@@ -570,7 +570,13 @@ def _cmake_set(text, name):
     return m.group(1).strip('"') if m else None
 
 
-def test_extension_cmake_and_catalog_entry():
+#: the Extensions Index's catalog entry schema v1.0.1 (what Slicer 5.10's index validates): allowed keys
+CATALOG_ENTRY_KEYS_V1_0_1 = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                             "build_subdirectory", "enabled", "tier"}
+
+
+def test_extension_cmake_and_catalog_entry(module):
+    """Issue 9 (10): contributors' form, URLs that point at files of this repository, the 5.10 schema."""
     top = open(os.path.join(ROOT, "CMakeLists.txt")).read()
     project = re.search(r"project\((\w+)\)", top).group(1)
     for var in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
@@ -582,10 +588,29 @@ def test_extension_cmake_and_catalog_entry():
     for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(DEQRegistration)",
                  "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert line in top
-    entry = json.load(open(os.path.join(ROOT, project + ".json")))  # file name == project()
-    assert set(entry) <= {"$schema", "category", "scm_url", "scm_revision", "build_dependencies", "tier"}
-    assert {"$schema", "category", "scm_url"} <= set(entry)
+    # contributors: "Firstname Lastname (Organization)", the same in CMake and in the module
+    contributors = re.findall(r'"([^"]+)"', re.search(r"set\(EXTENSION_CONTRIBUTORS\s+(.*)\)", top).group(1))
+    assert contributors == module.CONTRIBUTORS
+    for c in contributors:
+        assert re.fullmatch(r"[A-Z][\w.'-]*( [A-Z][\w.'-]*)+ \([^()]+\)", c), c
+    # the catalog entry (file name == project()), valid against schema v1.0.1
+    entry = json.load(open(os.path.join(ROOT, project + ".json")))
+    assert entry["$schema"].startswith(
+        "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json")
+    assert set(entry) <= CATALOG_ENTRY_KEYS_V1_0_1 and {"$schema", "category", "scm_url"} <= set(entry)
+    assert isinstance(entry["tier"], int) and 1 <= entry["tier"] <= 5
     assert entry["category"] == "Registration" and entry["build_dependencies"] == ["PyTorch"]
+    # one repository behind every URL; icon and screenshot are raw files of it that exist here, as PNGs
+    repo = re.fullmatch(r"https://github\.com/([\w.-]+/[\w.-]+?)(\.git)?", entry["scm_url"]).group(1)
+    assert re.fullmatch(r"https://github\.com/%s(#.*)?" % re.escape(repo), _cmake_set(top, "EXTENSION_HOMEPAGE"))
+    urls = [_cmake_set(top, "EXTENSION_ICONURL")] + _cmake_set(top, "EXTENSION_SCREENSHOTURLS").split()
+    from PIL import Image
+    for url in urls:
+        m = re.fullmatch(r"https://raw\.githubusercontent\.com/%s/%s/(.+\.png)" % (re.escape(repo),
+                                                                                  entry["scm_revision"]), url)
+        assert m, url
+        with Image.open(os.path.join(ROOT, m.group(1))) as im:
+            assert im.format == "PNG"
     assert os.path.exists(os.path.join(ROOT, "LICENSE.txt"))
     assert "Apache License" in open(os.path.join(ROOT, "LICENSE.txt")).read(400)
 
