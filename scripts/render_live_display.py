@@ -85,7 +85,7 @@ class ChartView:
                 if table is None or table.GetNumberOfRows() == 0:
                     continue
                 marker = series.GetMarkerStyle() != series.MarkerStyleNone
-                plot = chart.AddPlot(vtkChart.LINE)
+                plot = chart.AddPlot(vtkChart.LINE if table.GetNumberOfRows() > 1 else vtkChart.POINTS)
                 plot.SetInputData(table, series.GetXColumnName(), series.GetYColumnName())
                 plot.SetLabel(series.GetName())
                 r, g, b = series.GetColor()
@@ -151,8 +151,10 @@ def run(renderer, fixed, moving, fixedLabels=None, movingLabels=None, refreshEve
     worker posts. A GUI that falls behind shows the latest refresh and skips
     the ones it missed; with ``paced`` the solver waits at each refresh until
     it has been rendered (a GUI that keeps up), so every refresh is captured.
-    ``timing``: the longest poll, the longest render (after the first, which
-    sets up OpenGL) and the longest interval between two polls, in seconds.
+    ``timing``: the longest poll and render (after the first, which sets up
+    OpenGL), in wall-clock and in main-thread CPU seconds (``time.thread_time``:
+    what the GUI thread itself spends, whatever else the machine runs), and the
+    longest interval between two polls.
     """
     from DEQRegistrationSlicerLib import RegistrationLogic
     logic = RegistrationLogic(scene=renderer.scene)
@@ -167,20 +169,21 @@ def run(renderer, fixed, moving, fixedLabels=None, movingLabels=None, refreshEve
     job = logic.start(fixed, moving, fixedLabels, movingLabels, refreshEvery=refreshEvery,
                       liveLayout=renderer.live, callback=pace, **settings)
     frames, shown = [], 0
-    timing = dict(poll=0.0, render=0.0, longest_interval=0.0)
+    timing = dict(poll=0.0, poll_cpu=0.0, render=0.0, render_cpu=0.0, longest_interval=0.0)
     last_poll = time.perf_counter()
     while True:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         timing["longest_interval"] = max(timing["longest_interval"], t0 - last_poll)
         done = job.poll()
-        t1 = time.perf_counter()
-        timing["poll"] = max(timing["poll"], t1 - t0)
+        t1, c1 = time.perf_counter(), time.thread_time()
+        timing["poll"], timing["poll_cpu"] = max(timing["poll"], t1 - t0), max(timing["poll_cpu"], c1 - c0)
         if len(job.shownSteps) > shown:
             shown = len(job.shownSteps)
             frames.append((job.shownSteps[-1], renderer.render()))
             rendered.add(job.shownSteps[-1])
             if len(frames) > 1:  # the first render sets up the OpenGL contexts (once per view)
                 timing["render"] = max(timing["render"], time.perf_counter() - t1)
+                timing["render_cpu"] = max(timing["render_cpu"], time.thread_time() - c1)
         last_poll = time.perf_counter()
         if done:
             break
@@ -279,10 +282,12 @@ def main(argv=None):
     from PIL import Image
     Image.fromarray(np.concatenate(frames[-1][1], axis=1)).save(os.path.join(args.out, "live_layout.png"))
     print("\n".join(out.messages))
-    print(f"{len(frames)} refreshes rendered in {total:.1f} s; on the main thread the longest poll (writing a "
-          f"refresh into the nodes) took {1000 * timing['poll']:.0f} ms and the longest render of the three views "
-          f"{1000 * timing['render']:.0f} ms; the longest interval between two polls was "
-          f"{1000 * timing['longest_interval']:.0f} ms")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{len(frames)} refreshes rendered in {total:.1f} s (load average {load:.1f} on {os.cpu_count()} CPUs). "
+          f"Main thread, longest poll (writing a refresh into the nodes): {1000 * timing['poll']:.0f} ms wall, "
+          f"{1000 * timing['poll_cpu']:.0f} ms CPU; longest render of the three views: "
+          f"{1000 * timing['render']:.0f} ms wall, {1000 * timing['render_cpu']:.0f} ms CPU; longest interval "
+          f"between two polls: {1000 * timing['longest_interval']:.0f} ms")
     print("wrote", os.path.join(args.out, "live_display.png"), "live_display.gif and live_layout.png")
 
 

@@ -220,9 +220,33 @@ def labels_to_library(labelsNode, referenceVolumeNode, reference_shape, referenc
 
 
 def update_volume(volumeNode, data: np.ndarray, affine: np.ndarray):
-    """Write a library array into a volume node in place (fires the node's Modified events)."""
-    volumeNode.SetIJKToRASMatrix(_array_to_matrix(_affine_3d(affine)))
-    slicer.util.updateVolumeFromArray(volumeNode, library_to_kji(data))
+    """Write a library array into a volume node (fires ImageDataModifiedEvent)."""
+    write_volume_kji(volumeNode, library_to_kji(data), affine)
+
+
+def write_volume_kji(volumeNode, kji: np.ndarray, affine: np.ndarray):
+    """Write a Slicer (k, j, i) array into a volume node; in place (one copy) when its image has this shape and type.
+
+    In place: the voxels are copied into the existing image data, which is
+    marked Modified, so the node fires ImageDataModifiedEvent and views
+    redraw; the geometry is set only when it changed. Otherwise the image
+    data is reallocated (``updateVolumeFromArray``).
+    """
+    kji = np.asarray(kji)
+    matrix = _affine_3d(affine)
+    if not np.allclose(ijk_to_ras(volumeNode), matrix, rtol=0, atol=1e-9):
+        volumeNode.SetIJKToRASMatrix(_array_to_matrix(matrix))
+    image = volumeNode.GetImageData()
+    scalars = image.GetPointData().GetScalars() if image is not None else None
+    if (scalars is not None and tuple(image.GetDimensions()) == kji.shape[::-1]
+            and scalars.GetNumberOfComponents() == 1
+            and slicer.util.arrayFromVolume(volumeNode).dtype == kji.dtype):
+        slicer.util.arrayFromVolume(volumeNode)[:] = kji
+        scalars.Modified()
+        image.Modified()
+        volumeNode.StorableModified()
+    else:
+        slicer.util.updateVolumeFromArray(volumeNode, kji)
 
 
 def _affine_3d(affine) -> np.ndarray:
@@ -250,12 +274,21 @@ def update_grid_transform(transformNode, displacement_mm: np.ndarray, affine: np
     Modified, which makes the node fire TransformModifiedEvent (writing the
     array alone fires nothing); otherwise a new vtkOrientedGridTransform is set.
     """
+    write_grid_transform_kji(transformNode, field_to_kji(displacement_mm), affine)
+
+
+def field_to_kji(displacement_mm: np.ndarray) -> np.ndarray:
+    """A library (*S, 3) displacement as Slicer's (k, j, i, 3) float32 array (2D gets k = 1)."""
     disp = np.asarray(displacement_mm, dtype=np.float32)
     if disp.ndim == 3:
         disp = disp[:, :, None, :]
-    kji = np.ascontiguousarray(disp.transpose(2, 1, 0, 3))
+    return np.ascontiguousarray(disp.transpose(2, 1, 0, 3))
+
+
+def write_grid_transform_kji(transformNode, kji: np.ndarray, affine: np.ndarray):
+    """``update_grid_transform`` for a displacement already in Slicer's (k, j, i, 3) layout."""
     origin, spacing, direction = _grid_geometry(affine)
-    dims = tuple(int(n) for n in disp.shape[:3])
+    dims = tuple(int(n) for n in kji.shape[2::-1])
     transform = transformNode.GetTransformFromParent()
     grid = transform.GetDisplacementGrid() if isinstance(transform, slicer.vtkOrientedGridTransform) else None
     if grid is not None and _same_geometry(transform, grid, dims, origin, spacing, direction):

@@ -97,11 +97,20 @@ class RegistrationOutputs:
 
 @dataclass
 class Frame:
-    """One solver state to show, computed in the worker (library (i, j[, k]) arrays on the fixed grid)."""
+    """One solver state to show, made ready in the worker: Slicer (k, j, i) arrays on the fixed grid.
+
+    The main thread then only copies them into the nodes (no transposing,
+    no arithmetic: that is what keeps a poll short on large volumes).
+    """
     step: int
-    warped: np.ndarray
-    displacementMm: np.ndarray      # (*S, 3) RAS mm, FromParent direction
-    jacobian: np.ndarray
+    warped: np.ndarray              # (k, j, i) float32
+    displacement: np.ndarray        # (k, j, i, 3) float32, RAS mm, FromParent direction
+    jacobian: np.ndarray            # (k, j, i) float32
+
+    @classmethod
+    def fromLibrary(cls, step, warped, displacementMm, jacobian):
+        return cls(step, mrml.library_to_kji(np.asarray(warped, np.float32)), mrml.field_to_kji(displacementMm),
+                   mrml.library_to_kji(np.asarray(jacobian, np.float32)))
 
 
 @dataclass
@@ -109,7 +118,7 @@ class _Done:
     result: object
     dice: Optional[float]
     foldingPercent: float
-    displacementMm: np.ndarray
+    final: Frame
 
 
 def format_seconds(s: float) -> str:
@@ -263,8 +272,8 @@ class RegistrationRun:
             sampler = Sampler.between(inputs.fixed, inputs.moving)
             warped0 = sampler.image(inputs.moving.data)
             shape = inputs.fixed.shape
-            self._putFrame(Frame(0, warped0, np.zeros(tuple(shape) + (3,), np.float32),
-                                 np.ones(shape, np.float32)))
+            self._putFrame(Frame.fromLibrary(0, warped0, np.zeros(tuple(shape) + (3,), np.float32),
+                                             np.ones(shape, np.float32)))
             if inputs.fixedLabels is not None:
                 self._post("dice", (0, metrics.mean_dice(inputs.fixedLabels, sampler.labels(inputs.movingLabels)),
                                     True))
@@ -273,7 +282,8 @@ class RegistrationRun:
             dice = None
             if inputs.fixedLabels is not None and result.warped_labels is not None:
                 dice = metrics.mean_dice(inputs.fixedLabels, result.warped_labels)
-            self._post("done", _Done(result, dice, metrics.folding_percent(result.jacobian), result.displacement_mm()))
+            final = Frame.fromLibrary(result.steps, result.warped.data, result.displacement_mm(), result.jacobian)
+            self._post("done", _Done(result, dice, metrics.folding_percent(result.jacobian), final))
         except BaseException as exc:  # reported on the main thread
             self._post("error", (exc, traceback.format_exc()))
 
@@ -291,9 +301,9 @@ class RegistrationRun:
             from DEQRegistrationLib.geometry import voxel_field_to_physical
             from DEQRegistrationLib import metrics
             displacement = progress.displacement()
-            self._putFrame(Frame(progress.step, progress.warped(),
-                                 voxel_field_to_physical(displacement, self.inputs.fixed.affine),
-                                 metrics.jacobian_determinant(displacement)))
+            self._putFrame(Frame.fromLibrary(progress.step, progress.warped(),
+                                             voxel_field_to_physical(displacement, self.inputs.fixed.affine),
+                                             metrics.jacobian_determinant(displacement)))
             if self.inputs.movingLabels is not None:
                 self._post("dice", (progress.step, metrics.mean_dice(
                     self.inputs.fixedLabels, progress.warp_labels(self.inputs.movingLabels)), False))
@@ -354,11 +364,11 @@ class RegistrationRun:
     def _applyFrame(self, frame: Frame):
         affine = self.inputs.fixed.affine
         if self._alive(self.nodes.warpedVolume):
-            mrml.update_volume(self.nodes.warpedVolume, np.asarray(frame.warped, np.float32), affine)
+            mrml.write_volume_kji(self.nodes.warpedVolume, frame.warped, affine)
         if self._alive(self.nodes.transform):
-            mrml.update_grid_transform(self.nodes.transform, frame.displacementMm, affine)
+            mrml.write_grid_transform_kji(self.nodes.transform, frame.displacement, affine)
         if self._alive(self.nodes.foldingMap):
-            mrml.update_volume(self.nodes.foldingMap, np.asarray(frame.jacobian, np.float32), affine)
+            mrml.write_volume_kji(self.nodes.foldingMap, frame.jacobian, affine)
         self.shownSteps.append(frame.step)
 
     def _finish(self, kind, payload):
@@ -380,7 +390,7 @@ class RegistrationRun:
         done: _Done = payload
         r = done.result
         # the final state: exactly what register() returned
-        self._applyFrame(Frame(r.steps, r.warped.data, done.displacementMm, r.jacobian))
+        self._applyFrame(done.final)
         out = self.outputs
         out.result, out.dice, out.foldingPercent, out.device = r, done.dice, done.foldingPercent, str(r.device)
         if done.dice is not None and self._lastDiceStep != r.steps:
