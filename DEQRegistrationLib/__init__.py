@@ -1,4 +1,4 @@
-"""DEQRegistrationLib: deformable registration as a fixed point (DEQReg), torch + numpy only.
+"""DEQRegistrationLib: deformable registration as a fixed point (DEQReg); torch, numpy, scipy, nibabel.
 
 Never imports ``slicer``; the Slicer module is a thin shell over this package.
 """

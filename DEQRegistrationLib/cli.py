@@ -1,4 +1,4 @@
-"""Command line: ``deqreg register FIXED MOVING --out DIR`` and ``deqreg demo``.
+"""Command line: ``deqreg register FIXED MOVING --out DIR``, ``deqreg batch PAIRS.csv --out DIR``, ``deqreg demo``.
 
 A thin layer over ``register()``: it reads and checks the files (``io``), runs
 the registration with a progress bar on stderr, computes the evaluation
@@ -31,6 +31,7 @@ from .solvers import RESIDUAL_DEFINITION
 PROG = "deqreg"
 EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_SOME_FAILED = 3  # deqreg batch: some pairs failed or did not run (summary.csv says which)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -46,7 +47,7 @@ DEFAULT_MODEL = "none"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog=PROG, description="Deformable image registration with Deep Equilibrium Models.")
-    sub = parser.add_subparsers(dest="command", metavar="{register,demo}", parser_class=_OneLineParser)
+    sub = parser.add_subparsers(dest="command", metavar="{register,demo,batch}", parser_class=_OneLineParser)
     sub.required = True
 
     reg = sub.add_parser("register", help="register MOVING onto FIXED and write the results to a folder",
@@ -79,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(demo)
     demo.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
                       help="total solver steps (default: the demo's budget, about a minute on 2 CPU cores)")
+
+    from .batch import share_register_options
+
+    bat = sub.add_parser("batch", help="register every pair listed in a CSV file, one output folder per pair",
+                         description="Register every pair of PAIRS.csv (columns fixed, moving and optional "
+                                     "fixed_seg, moving_seg, fixed_landmarks, moving_landmarks, id) into "
+                                     "DIR/<id>/, exactly as 'deqreg register' would. Finished pairs are "
+                                     "skipped, so re-running the command resumes; a failed pair does not stop "
+                                     "the others. Writes DIR/summary.csv, summary.md and summary.json. Under "
+                                     "torchrun every rank takes its share of the rows.")
+    bat.add_argument("pairs", metavar="PAIRS.csv", help="one pair per row; relative paths are read from the "
+                                                        "CSV's folder")
+    bat.add_argument("--out", required=True, metavar="DIR", help="folder of the pair folders and the summary")
+    bat.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                     help="local worker processes, the CPU threads split among them (default: 1)")
+    share_register_options(reg, bat)  # last: every register option defined above, one definition
     return parser
 
 
@@ -346,18 +363,20 @@ def publish(out: Path, fill: Callable[[Path], None]) -> None:
 
 
 def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional[Callable] = None,
-            extra_files: Optional[Callable] = None):
+            extra_files: Optional[Callable] = None, progress: Optional[Callable] = None):
     """Register, measure, write: the shared core of ``register`` and ``demo``. Returns (result, metrics).
 
     ``extra_metrics(result) -> dict`` adds entries to metrics.json;
     ``extra_files(folder, result, metrics)`` writes more files into the
     temporary folder, so they too appear only with a complete run.
+    ``progress(p)``, when given, replaces the progress bar (``deqreg batch`` draws its own).
     """
-    bar = ProgressBar(desc)
+    bar = ProgressBar(desc) if progress is None else None
     try:
-        result = run_register(job, bar)
+        result = run_register(job, bar or progress)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     metrics = compute_metrics(job, result)
     if extra_metrics is not None:
         metrics.update(extra_metrics(result))
@@ -382,7 +401,8 @@ def summary_line(metrics: Dict) -> str:
     return ", ".join(parts)
 
 
-def cmd_register(args) -> int:
+def cmd_register(args, progress: Optional[Callable] = None) -> int:
+    """``deqreg register``; ``deqreg batch`` runs it per pair with its own ``progress`` and no closing line."""
     out = check_out_dir(Path(args.out), args.overwrite,
                         [args.fixed, args.moving, args.fixed_seg, args.moving_seg,
                          args.fixed_landmarks, args.moving_landmarks])
@@ -390,9 +410,17 @@ def cmd_register(args) -> int:
     model, update = resolve_model(args.model, args.update, job.fixed.ndim)
     job.settings = make_settings(update=update, model=model, solver=args.solver, max_steps=args.max_steps,
                                  tol=args.tol, device=args.device)
-    _, metrics = execute(job, out)
-    print(f"{PROG}: wrote {out} ({summary_line(metrics)})")
+    _, metrics = execute(job, out, progress=progress)
+    if progress is None:
+        print(f"{PROG}: wrote {out} ({summary_line(metrics)})")
     return 0
+
+
+def cmd_batch(args) -> int:
+    from .batch import run_batch
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "pairs", "out", "jobs")}
+    return run_batch(args.pairs, args.out, jobs=args.jobs, options=options)
 
 
 def cmd_demo(args) -> int:
@@ -419,6 +447,8 @@ def main(argv=None) -> int:
             return int(exc.code or 0)
         if args.command == "register":
             return cmd_register(args)
+        if args.command == "batch":
+            return cmd_batch(args)
         return cmd_demo(args)
     except InputError as exc:
         return _fail(exc)

@@ -113,16 +113,33 @@ def test_missing_subcommand_and_unknown_option(tmp_path, capsys):
     assert code == 2 and "unrecognized arguments: --frobnicate" in err and len(err.strip().splitlines()) == 1
 
 
-def test_inputs_unchanged_by_failed_run(tmp_path, pair3d, capsys):
+def test_a_run_failing_while_writing_leaves_inputs_and_the_previous_output_intact(tmp_path, pair3d, capsys,
+                                                                                  monkeypatch):
+    """The registration succeeds, then writing fails half-way (disk full, simulated): the inputs, the
+    output folder of an earlier run (replaced only with --overwrite) and the directory stay as they were."""
     from conftest import file_hash
+    from DEQRegistrationLib import io
 
-    nan = blob_volume()
-    nan[1, 1, 1] = np.nan
-    bad = _make(tmp_path, "nan.nii.gz", nan)
-    before = {p: file_hash(p) for p in (pair3d["fixed"], bad)}
-    code, _ = _run(capsys, ["register", pair3d["fixed"], bad, "--out", tmp_path / "o"])
-    assert code == 2
-    assert {p: file_hash(p) for p in before} == before
+    out = tmp_path / "o"
+    args = ["register", pair3d["fixed"], pair3d["moving"], "--fixed-seg", pair3d["fixed_seg"], "--moving-seg",
+            pair3d["moving_seg"], "--out", out, "--max-steps", "3"]
+    assert _run(capsys, args)[0] == 0
+    previous = {p.name: file_hash(p) for p in out.iterdir()}
+    inputs = {p: file_hash(p) for p in (pair3d["fixed"], pair3d["moving"], pair3d["fixed_seg"], pair3d["moving_seg"])}
+    written = []
+
+    def disk_full(labels, affine, path):
+        written.append(path)  # the warped image and the field are already on disk by now
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(io, "save_labels", disk_full)
+    code, err = _run(capsys, args + ["--overwrite", "--max-steps", "4"])
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("deqreg:")]
+    assert code == 1 and len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in err
+    assert written, "the failure must happen while outputs are being written"
+    assert {p.name: file_hash(p) for p in out.iterdir()} == previous
+    assert {p: file_hash(p) for p in inputs} == inputs
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".o")) == []
 
 
 @pytest.mark.parametrize("what", ["missing", "nan", "4d"])

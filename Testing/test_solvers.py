@@ -64,3 +64,36 @@ def test_unknown_solver_is_rejected():
     f, z = contraction()
     with pytest.raises(ValueError, match="unknown solver"):
         solve(f, z, "broyden")
+
+
+def test_anderson_restarts_from_the_best_iterate_when_the_residual_jumps():
+    """A map that is a contraction except for one wild evaluation: Anderson restarts its history from the
+    best iterate seen and still converges to the fixed point."""
+    f0, z_star = contraction(rho=0.8, batch=1)
+    calls = {"n": 0}
+
+    def f(z):
+        calls["n"] += 1
+        out = f0(z)
+        return out + 1e3 if calls["n"] == 6 else out  # one evaluation far off
+
+    res = anderson(f, torch.zeros_like(z_star), max_steps=200, tol=1e-8, memory=5)
+    assert max(res.residuals) > 10 * min(res.residuals[:5])  # the jump was seen...
+    assert res.converged and torch.allclose(res.z, z_star, atol=1e-6)  # ...and recovered from
+
+
+def test_anderson_falls_back_to_the_history_mean_when_the_system_is_singular(monkeypatch):
+    """If the least-squares solve fails, the step uses equal weights (the mean of the history)."""
+    f, z_star = contraction(rho=0.5, batch=1)
+
+    def singular(H, rhs):
+        raise RuntimeError("linalg.solve: The solver failed because the input matrix is singular.")
+
+    monkeypatch.setattr(torch.linalg, "solve", singular)
+    res = anderson(f, torch.zeros_like(z_star), max_steps=3, tol=0, memory=3)
+    # by hand: z1 = f(z0); z2 = mean(f(z0), f(z1)) (equal weights over a history of two)
+    z0 = torch.zeros_like(z_star)
+    z1 = f(z0)
+    z2 = 0.5 * (f(z0) + f(z1))
+    assert torch.allclose(res.z, f(z2) if res.steps == 3 else res.z)
+    assert res.steps == 3
