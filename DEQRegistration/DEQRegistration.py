@@ -65,7 +65,9 @@ SECTIONS = ("inputsCollapsibleButton", "settingsCollapsibleButton", "advancedCol
             "outputsCollapsibleButton", "sampleDataButton")
 #: a Cancel click this soon after Register is the second click of a double click, not a cancel
 DOUBLE_CLICK_SECONDS = 0.5
-POLL_INTERVAL_MS = 100
+#: the poll timer: every 20 ms a tick polls, then waits up to 40 ms for the solver with the GIL released
+POLL_INTERVAL_MS = 20
+YIELD_SECONDS = 0.04
 
 
 def choiceLabels():
@@ -221,6 +223,8 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         if self.logic is not None and self.logic.isRunning:
             self.logic.cancel()
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
         self.removeObservers()
 
     def enter(self):
@@ -355,7 +359,7 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPoll(self):
         run = self.logic.run
-        if run is None or not run.poll():
+        if run is None or not run.tick(YIELD_SECONDS):
             self.updateRunState()
             return
         self._pollTimer.stop()

@@ -293,7 +293,7 @@ class _Combo(_Attr):
 
 
 class _Timer:
-    """Stands in for the QTimer; the test calls the widget's onPoll() where the timeout would."""
+    """Stands in for the QTimer; the test calls the widget's onPoll() where its timeout would."""
 
     def __init__(self):
         self.active = False

@@ -13,9 +13,12 @@ Threads and what they touch:
   them. The worker never touches MRML.
 * **main** (Slicer's GUI thread): ``poll()`` moves the queued rows into the
   plot tables and the latest frame into the output nodes, and reports
-  status. In Slicer a ``QTimer`` calls ``poll()``; scripted use and the tests
-  call ``wait()``, which sleeps until the worker posts something and polls.
-  Nothing here needs Qt, so all of it runs and is tested on ``slicer-core``.
+  status. In Slicer a ``QTimer`` calls ``tick()`` (``poll()``, then up to
+  40 ms of waiting with the GIL released: Slicer's Python keeps the GIL on
+  the main thread while Qt runs, so the worker runs while the main thread
+  waits); scripted use and the tests call ``wait()``, which sleeps until the
+  worker posts something and polls. Nothing here needs Qt, so all of it
+  runs and is tested on ``slicer-core``.
 
 ``cancel()`` sets a flag the worker reads after every step (the library's
 callback returns True), so a run stops at most one step after it. Closing
@@ -237,6 +240,20 @@ class RegistrationRun:
             self._finish("error", (exc, traceback.format_exc()))
         return self.finished
 
+    def tick(self, yieldSeconds: float = 0.04) -> bool:
+        """One turn of a GUI timer: ``poll()``, then give the worker the GIL for up to ``yieldSeconds``.
+
+        Slicer's Python (PythonQt) keeps the GIL on the main thread while Qt
+        runs its event loop, so a Python thread only runs while the main
+        thread runs Python or waits. Waiting here (until the worker posts, at
+        most ``yieldSeconds``) lets the solver run nearly all the time, and
+        Qt's events wait at most that long. True once the run is over.
+        """
+        if self.poll():
+            return True
+        self.waitForNews(yieldSeconds)
+        return False
+
     def waitForNews(self, timeout: float) -> bool:
         """Sleep until the worker posts something (or ``timeout`` seconds pass); for event loops without Qt."""
         news = self._news.wait(timeout)
@@ -270,13 +287,12 @@ class RegistrationRun:
             inputs = self.inputs
             # step 0: the pair as given (the moving image on the fixed grid, no deformation)
             sampler = Sampler.between(inputs.fixed, inputs.moving)
-            warped0 = sampler.image(inputs.moving.data)
-            shape = inputs.fixed.shape
-            self._putFrame(Frame.fromLibrary(0, warped0, np.zeros(tuple(shape) + (3,), np.float32),
-                                             np.ones(shape, np.float32)))
-            if inputs.fixedLabels is not None:
+            if inputs.fixedLabels is not None:  # before the frame: the chart has it when the views show step 0
                 self._post("dice", (0, metrics.mean_dice(inputs.fixedLabels, sampler.labels(inputs.movingLabels)),
                                     True))
+            shape = inputs.fixed.shape
+            self._putFrame(Frame.fromLibrary(0, sampler.image(inputs.moving.data),
+                                             np.zeros(tuple(shape) + (3,), np.float32), np.ones(shape, np.float32)))
             result = register(inputs.fixed, inputs.moving, self.settings, callback=self._onStep,
                               moving_labels=inputs.movingLabels, on_fallback=self._onFallback)
             dice = None
