@@ -445,10 +445,12 @@ class DEQRegistrationLogic(ScriptedLoadableModuleLogic, RegistrationLogic):
         from DEQRegistrationSlicerLib.sampledata import loadSamplePair
         if not self.ensureDependencies(DEMO_REQUIREMENTS):
             return None
-        pair = None
-        with slicer.util.tryWithErrorDisplay(_("Could not load the sample pair."), waitCursor=True):
-            pair = loadSamplePair(slicer.mrmlScene)
-            slicer.util.setSliceViewerLayers(background=pair.fixed, fit=True)
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Could not load the sample pair."), waitCursor=True):
+                pair = loadSamplePair(slicer.mrmlScene)
+                slicer.util.setSliceViewerLayers(background=pair.fixed, fit=True)
+        except Exception:  # shown by tryWithErrorDisplay, which raises again
+            return None
         return pair
 
 

@@ -227,6 +227,7 @@ def test_plot_tables(run):
         expected.append(r.steps)
     np.testing.assert_array_equal(dice_steps, expected)
     assert o.chart.GetNumberOfPlotSeriesNodes() == 2
+    assert not o.chart.GetXAxisRangeAuto() and tuple(o.chart.GetXAxisRange()) == (0, 45)  # the whole budget
 
 
 def test_dice_improves(run):

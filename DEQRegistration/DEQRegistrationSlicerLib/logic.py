@@ -7,8 +7,9 @@ the same steps, each a small function:
 1. ``readInputs``: the input nodes as library images and label maps, in
    world (RAS) coordinates, parent transforms included (no node is left in
    the scene, no input is modified);
-2. ``checkSettings``: the library's ``Settings`` (unknown names refused) and
-   the model, loaded once to check it exists for the images' dimension;
+2. ``checkSettings``: the library's ``Settings`` (unknown names refused),
+   the model, loaded once to check it exists for the images' dimension, and
+   the step budget of the library's level plan;
 3. ``checkOutputs``: the given output nodes must be of the right class, not
    inputs, and not a transform an input is shown through;
 4. ``prepareOutputs``: outputs created or reused (never the result of
@@ -76,18 +77,19 @@ def readInputs(scene, fixedVolumeNode, movingVolumeNode, fixedLabelsNode=None, m
 
 
 def checkSettings(inputs: Inputs, settings=None, messages=None, **overrides):
-    """The library's ``Settings``; the model is loaded once so a missing or mismatched one is refused now."""
+    """(the library's ``Settings``, the step budget it gives); the model is loaded once, so a missing or
+    mismatched one is refused now, and the level plan is the library's (``make_plan``)."""
     import torch
     from DEQRegistrationLib.config import make_settings
-    from DEQRegistrationLib.registration import make_operator
+    from DEQRegistrationLib.registration import make_operator, make_plan
     if overrides.get("device", getattr(settings, "device", "auto")) in ("cuda", "gpu") \
             and not torch.cuda.is_available():
         if messages is not None:
             messages.append("No CUDA GPU available: running on the CPU.")
         overrides["device"] = "cpu"
     result = make_settings(settings, **overrides)
-    make_operator(result, inputs.fixed.ndim)
-    return result
+    op, config = make_operator(result, inputs.fixed.ndim)
+    return result, make_plan(result, op, config, inputs.fixed.shape).max_steps
 
 
 # --- 3. outputs: checks -------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def _pair_of(node):
     return tuple(node.GetAttribute(a) for a in PAIR_ATTRIBUTES)
 
 
-def prepareOutputs(scene, inputs: Inputs, outputs: dict, messages: list) -> OutputNodes:
+def prepareOutputs(scene, inputs: Inputs, outputs: dict, messages: list, maxSteps=None) -> OutputNodes:
     """Output nodes: the given ones, or new ones named after the pair; each marked with its pair and role.
 
     A given node that holds the result of another fixed/moving pair is left
@@ -168,6 +170,9 @@ def prepareOutputs(scene, inputs: Inputs, outputs: dict, messages: list) -> Outp
                         output("outputChart"), None)
     nodes.traceTable, nodes.diceTable = _tables(scene, nodes.chart, base, with_dice=inputs.fixedLabels is not None)
     mrml.setup_plot(scene, nodes.chart, nodes.traceTable, nodes.diceTable)
+    if maxSteps:  # the whole budget from the start: the curves grow to the right
+        nodes.chart.SetXAxisRangeAuto(False)
+        nodes.chart.SetXAxisRange(0, maxSteps)
     # the identity state, so the views and the transform are valid before the first refresh
     shape, affine = inputs.fixed.shape, inputs.fixed.affine
     mrml.update_volume(nodes.warpedVolume, np.zeros(shape, np.float32), affine)
@@ -245,11 +250,11 @@ class RegistrationLogic:
         scene = self.scene
         messages = []
         inputs = readInputs(scene, fixedVolumeNode, movingVolumeNode, fixedLabelsNode, movingLabelsNode)
-        librarySettings = checkSettings(inputs, settings, messages, **overrides)
+        librarySettings, maxSteps = checkSettings(inputs, settings, messages, **overrides)
         given = dict(outputVolume=outputVolume, outputTransform=outputTransform, outputFolding=outputFolding,
                      outputChart=outputChart)
         checkOutputs(inputs, given)
-        nodes = prepareOutputs(scene, inputs, given, messages)
+        nodes = prepareOutputs(scene, inputs, given, messages, maxSteps)
         self.run = RegistrationRun(scene, inputs, nodes, librarySettings, refreshEvery=refreshEvery,
                                    callback=callback, statusCallback=self.statusCallback, liveLayout=liveLayout,
                                    messages=messages)

@@ -460,6 +460,7 @@ def setup_plot(scene, chartNode, traceTable, diceTable=None):
     chartNode.RemoveAllPlotSeriesNodeIDs()
     for sid in wanted:
         chartNode.AddAndObservePlotSeriesNodeID(sid)
+    chartNode.SetXAxisRangeAuto(True)  # until a run knows its step budget
     chartNode.SetTitle("DEQReg convergence")
     chartNode.SetXAxisTitle("solver step")
     chartNode.SetYAxisTitle("residual (log)" + (" / mean Dice" if diceTable is not None else ""))
