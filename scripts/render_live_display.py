@@ -75,7 +75,11 @@ class ChartView:
         if chartNode is not None:
             chart.SetTitle(chartNode.GetTitle() or "")
             chart.SetShowLegend(True)
-            chart.GetAxis(vtkAxis.BOTTOM).SetTitle(chartNode.GetXAxisTitle() or "")
+            bottom = chart.GetAxis(vtkAxis.BOTTOM)
+            bottom.SetTitle(chartNode.GetXAxisTitle() or "")
+            if not chartNode.GetXAxisRangeAuto():
+                bottom.SetBehavior(vtkAxis.FIXED)
+                bottom.SetRange(*chartNode.GetXAxisRange())
             left = chart.GetAxis(vtkAxis.LEFT)
             left.SetTitle(chartNode.GetYAxisTitle() or "")
             left.SetLogScale(bool(chartNode.GetYAxisLogScale()))
@@ -121,6 +125,7 @@ class LayoutRenderer:
                 view = self.app.view_manager.create_view(ViewLayoutDefinition.from_xml(ET.tostring(element)))
                 view.set_scheduled_render(NoScheduleRendering())  # render when asked, as Slicer's views do
                 view.render_window().SetSize(*size)
+                view._update_slice_size()  # the slice node's size = the view's, as a resized slice widget sets it
                 self.sliceViews[name] = view
         self.live = layout.LiveLayout(self.app.scene, self.app.app_logic)
         self.chartView = ChartView(self.app.scene, layout.CHART_VIEW, size)
