@@ -227,16 +227,17 @@ def saved_result(result, moving: Image, moving_labels: Optional[np.ndarray] = No
 # --- files ---------------------------------------------------------------------------
 
 
-def save(folder: Path, t: SavedTransform, fmt: str = "nii", inverse=None) -> dict:
+def save(folder: Path, t: SavedTransform, fmt: str = "nii", inverse=None, compresslevel=None) -> dict:
     """Write the transform's files and ``transform.json`` into ``folder``; returns the manifest.
 
-    ``inverse`` is an ``inverse.InverseResult`` on the moving grid (or None).
+    ``inverse`` is an ``inverse.InverseResult`` on the moving grid (or None);
+    ``compresslevel`` applies to the displacement fields' .nii.gz (``io``).
     """
     from .geometry import ras_to_lps
 
     folder = Path(folder)
     disp_name = io.output_name("displacement", fmt)
-    io.save_itk_displacement(t.displacement_lps, t.fixed.affine, folder / disp_name)
+    io.save_itk_displacement(t.displacement_lps, t.fixed.affine, folder / disp_name, compresslevel=compresslevel)
     affine_name = None
     if t.world is not None:
         affine_name = "affine.tfm"
@@ -246,7 +247,8 @@ def save(folder: Path, t: SavedTransform, fmt: str = "nii", inverse=None) -> dic
                forward=dict(displacement=disp_name, affine=affine_name), inverse=None)
     if inverse is not None:
         inv_name, mask_name = io.output_name("inverse", fmt), io.output_name("inverse_unreliable", fmt)
-        io.save_itk_displacement(ras_to_lps(inverse.displacement_ras), inverse.target_affine, folder / inv_name)
+        io.save_itk_displacement(ras_to_lps(inverse.displacement_ras), inverse.target_affine, folder / inv_name,
+                                 compresslevel=compresslevel)
         io.save_labels(inverse.mask, inverse.target_affine, folder / mask_name)
         doc["inverse"] = dict(displacement=inv_name, unreliable_mask=mask_name,
                               mask_values={"0": "reliable", "1": "unreliable (error above threshold, or folded)",

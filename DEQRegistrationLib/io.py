@@ -219,6 +219,21 @@ def _nifti(data: np.ndarray, affine: np.ndarray):
     return img
 
 
+def _write(img, path: Path, compresslevel: Optional[int]) -> None:
+    """A NIfTI ``img`` to ``path``; a .gz file at ``compresslevel`` (None: nibabel's default, 1).
+
+    Level 0 stores the data in a valid gzip file without compressing it: float
+    fields shrink by only 8-20 % at level 1, for seconds of CPU on a brain.
+    """
+    if compresslevel is None or not str(path).endswith(".gz"):
+        img.to_filename(str(path))
+        return
+    import gzip
+
+    with gzip.GzipFile(str(path), "wb", compresslevel=int(compresslevel)) as fh:
+        img.to_stream(fh)
+
+
 def _spatial_for_file(data: np.ndarray) -> np.ndarray:
     """2D arrays are written as H x W x 1, which every reader takes as a one-slice volume."""
     return data[:, :, None] if data.ndim == 2 else data
@@ -247,13 +262,13 @@ def output_name(stem: str, fmt: str = "nii") -> str:
         raise InputError(f"unknown output format {fmt!r}; choose {', '.join(OUTPUT_FORMATS)}") from None
 
 
-def save_image(image: Image, path) -> Path:
+def save_image(image: Image, path, compresslevel: Optional[int] = None) -> Path:
     """Write an intensity image as float32 with its affine (NIfTI, or NRRD/MetaImage by suffix)."""
     path = Path(path)
     data = _spatial_for_file(np.asarray(image.data, dtype=np.float32))
     if _writer(path) == "itk":
         return formats.write(data, image.affine, path)
-    _nifti(data, image.affine).to_filename(str(path))
+    _write(_nifti(data, image.affine), path, compresslevel)
     return path
 
 
@@ -265,7 +280,7 @@ def _label_dtype(labels: np.ndarray):
     return np.int64
 
 
-def save_labels(labels, affine, path) -> Path:
+def save_labels(labels, affine, path, compresslevel: Optional[int] = None) -> Path:
     """Write a label map with the smallest integer dtype that holds its labels (NIfTI, NRRD or MetaImage)."""
     path = Path(path)
     labels = as_label_array(labels)
@@ -274,11 +289,12 @@ def save_labels(labels, affine, path) -> Path:
         return formats.write(data, affine, path)
     img = _nifti(data, affine)
     img.header.set_intent("label")
-    img.to_filename(str(path))
+    _write(img, path, compresslevel)
     return path
 
 
-def save_itk_displacement(disp_mm_lps: np.ndarray, fixed_affine, path) -> Path:
+def save_itk_displacement(disp_mm_lps: np.ndarray, fixed_affine, path,
+                          compresslevel: Optional[int] = None) -> Path:
     """Write a (*S, 3) LPS-millimetre displacement as an ITK displacement field.
 
     NIfTI: shape (X, Y, Z, 1, 3) (2D: (X, Y, 1, 1, 3)), float32, intent
@@ -298,7 +314,7 @@ def save_itk_displacement(disp_mm_lps: np.ndarray, fixed_affine, path) -> Path:
     data = disp[:, :, :, None, :]
     img = _nifti(data, fixed_affine)
     img.header.set_intent("vector", (), name="DEQReg displacement")
-    img.to_filename(str(path))
+    _write(img, path, compresslevel)
     return path
 
 

@@ -42,6 +42,8 @@ class Sampler:
         keep = list(range(self.ndim)) + [3]
         # (ndim+1)^2: for 2D images both grids lie in one plane; the unused axis drops out
         self.matrix = full[np.ix_(keep, keep)]
+        # same grid (the usual case for a pre-aligned pair): no matrix product, no resampling without a field
+        self.identity = bool(np.allclose(self.matrix, np.eye(self.ndim + 1), rtol=0, atol=1e-9))
 
     @classmethod
     def between(cls, fixed: Image, moving: Image, world: Optional[np.ndarray] = None) -> "Sampler":
@@ -62,6 +64,8 @@ class Sampler:
             offset[0] = rows.start
             grid = grid + offset.view(1, -1, *([1] * self.ndim))
         p = grid if disp is None else grid + disp[:, :, rows]
+        if self.identity:
+            return p
         A = torch.as_tensor(self.matrix, dtype=dtype, device=p.device)
         nd = self.ndim
         return torch.einsum("ab,nb...->na...", A[:nd, :nd], p) + A[:nd, nd].view(1, nd, *([1] * nd))
@@ -96,6 +100,11 @@ class Sampler:
             d = d.to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
             if tuple(d.shape[2:]) != self.fixed_shape:
                 raise ValueError(f"displacement grid {tuple(d.shape[2:])} is not the fixed grid {self.fixed_shape}")
+        if d is None and self.identity and tuple(x.shape[2:]) == self.fixed_shape:
+            # the moving grid is the fixed grid: sampling at its own voxels returns the data
+            if not as_numpy:
+                return x.clone() if x.is_floating_point() else x.float()
+            return src.copy() if order == 0 else src.astype(np.float32)
         if not x.is_floating_point():
             x = x.float()
         mode = "nearest" if order == 0 else "bilinear"
