@@ -36,7 +36,8 @@ from DEQRegistrationSlicerLib.parameters import ParameterNode
 
 #: the extension's contributors, "Firstname Lastname (Organization)"; the same list is in ../CMakeLists.txt
 CONTRIBUTORS = ["DEQRegistration Maintainers (DEQRegistration project)"]
-#: parameter (parameters.PARAMETERS) -> the .ui widget that edits it
+#: parameter (parameters.PARAMETERS) -> the .ui widget that edits it; a parameter with a ``label`` and no
+#: entry here gets a widget built by ``makeParameterWidget`` at the end of the "Advanced" section
 PARAMETER_WIDGETS = {
     "Update": "updateComboBox",
     "MaxSteps": "maxStepsSpinBox",
@@ -85,7 +86,66 @@ def choiceLabels():
         "cuda": _("GPU (CUDA)"),
         "lncc": _("Local normalized cross-correlation"),
         "mse": _("Mean squared error"),
+        "mind": _("MIND-SSC descriptors (multi-modal)"),
     }
+
+
+def generatedParameters():
+    """The parameters whose widget the module builds (a ``label``, no widget in the .ui), in table order."""
+    return [spec for spec in P.PARAMETERS if spec.label and spec.name not in PARAMETER_WIDGETS]
+
+
+def makeParameterWidget(spec):
+    """A Qt widget for a parameter row: combo box (choices), check box (bool), spin box (int/float), line edit."""
+    if spec.choices:
+        widget = qt.QComboBox()
+    elif spec.kind is bool:
+        widget = qt.QCheckBox()
+    elif spec.kind is int:
+        widget = qt.QSpinBox()
+    elif spec.kind is float:
+        widget = qt.QDoubleSpinBox()
+        if len(spec.limits) > 3:
+            widget.decimals = spec.limits[3]
+    else:
+        widget = qt.QLineEdit()
+    if spec.limits and spec.kind in (int, float):
+        widget.minimum, widget.maximum, widget.singleStep = spec.limits[:3]
+    widget.toolTip = _(spec.tooltip)
+    widget.objectName = spec.name[0].lower() + spec.name[1:] + type(widget).__name__[1:]
+    return widget
+
+
+def widgetSignal(spec):
+    """The widget's signal that tells the parameter node its value changed."""
+    return ("currentIndexChanged(int)" if spec.choices else "toggled(bool)" if spec.kind is bool
+            else "valueChanged(int)" if spec.kind is int else "valueChanged(double)" if spec.kind is float
+            else "currentPathChanged(QString)" if spec.name == "ModelPath" else "editingFinished()")
+
+
+def widgetValue(widget, spec):
+    """The value a parameter's widget shows (None: nothing chosen)."""
+    if spec.choices:
+        return widget.itemData(widget.currentIndex) if widget.currentIndex >= 0 else None
+    if spec.kind is bool:
+        return bool(widget.checked)
+    if spec.kind is str:
+        return widget.currentPath if spec.name == "ModelPath" else widget.text
+    return widget.value
+
+
+def setWidgetValue(widget, spec, value):
+    if spec.choices:
+        widget.setCurrentIndex(widget.findData(value))
+    elif spec.kind is bool:
+        widget.checked = bool(value)
+    elif spec.kind is str:
+        if spec.name == "ModelPath":
+            widget.currentPath = value
+        else:
+            widget.text = value
+    else:
+        widget.value = value
 
 
 def defaultModelAvailable(ndim):
@@ -189,6 +249,11 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.parameterWidgets = {name: getattr(self.ui, widgetName) for name, widgetName in PARAMETER_WIDGETS.items()}
+        for spec in generatedParameters():
+            widget = makeParameterWidget(spec)
+            self.ui.advancedCollapsibleButton.layout().addRow(_(spec.label), widget)
+            self.parameterWidgets[spec.name] = widget
         self.fillChoices()
 
         self.logic = DEQRegistrationLogic()
@@ -203,11 +268,8 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for name in NODE_WIDGETS.values():
             getattr(self.ui, name).connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        for name, widgetName in PARAMETER_WIDGETS.items():
-            p = P.BY_NAME[name]
-            signal = ("currentIndexChanged(int)" if p.choices else "currentPathChanged(QString)" if p.kind is str
-                      else "valueChanged(int)" if p.kind is int else "valueChanged(double)")
-            getattr(self.ui, widgetName).connect(signal, self.updateParameterNodeFromGUI)
+        for name, widget in self.parameterWidgets.items():
+            widget.connect(widgetSignal(P.BY_NAME[name]), self.updateParameterNodeFromGUI)
         self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
         self.ui.restoreLayoutButton.connect("clicked(bool)", self.onRestoreLayout)
         self.ui.sampleDataButton.connect("clicked(bool)", self.onLoadSampleData)
@@ -216,9 +278,9 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def fillChoices(self):
         labels = choiceLabels()
-        for name, widgetName in PARAMETER_WIDGETS.items():
+        for name, widget in self.parameterWidgets.items():
             for value in P.BY_NAME[name].choices:
-                getattr(self.ui, widgetName).addItem(labels[value], value)
+                widget.addItem(labels[value], value)
 
     def cleanup(self):
         if self.logic is not None and self.logic.isRunning:
@@ -267,20 +329,18 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = ParameterNode(self._parameterNode)
             for role, widgetName in NODE_WIDGETS.items():
                 getattr(self.ui, widgetName).setCurrentNode(p.getNode(role))
-            for name, widgetName in PARAMETER_WIDGETS.items():
-                widget, spec, value = getattr(self.ui, widgetName), P.BY_NAME[name], p.get(name)
-                if spec.choices:
-                    widget.setCurrentIndex(widget.findData(value))
-                elif spec.kind is str:
-                    widget.currentPath = value
-                else:
-                    widget.value = value
+            for name, widget in self.parameterWidgets.items():
+                setWidgetValue(widget, P.BY_NAME[name], p.get(name))
             gradient = p.get("Update") == "gradient"
             self.ui.modelComboBox.enabled = not gradient
             self.ui.modelPathLineEdit.enabled = not gradient and p.get("Model") == "file"
-            for name, spec in P.BY_NAME.items():
-                if spec.gradient_only:
-                    getattr(self.ui, PARAMETER_WIDGETS[name]).enabled = gradient
+            for name, widget in self.parameterWidgets.items():
+                spec = P.BY_NAME[name]
+                enabled = gradient or not spec.gradient_only
+                if spec.only_with:
+                    enabled = enabled and p.get(spec.only_with[0]) == spec.only_with[1]
+                if spec.gradient_only or spec.only_with:
+                    widget.enabled = enabled
         finally:
             self._updatingGUIFromParameterNode = False
         self.updateRunState()
@@ -312,15 +372,10 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = ParameterNode(self._parameterNode)
             for role, widgetName in NODE_WIDGETS.items():
                 p.setNode(role, getattr(self.ui, widgetName).currentNode())
-            for name, widgetName in PARAMETER_WIDGETS.items():
-                widget, spec = getattr(self.ui, widgetName), P.BY_NAME[name]
-                if spec.choices:
-                    if widget.currentIndex >= 0:
-                        p.set(name, widget.itemData(widget.currentIndex))
-                elif spec.kind is str:
-                    p.set(name, widget.currentPath)
-                else:
-                    p.set(name, widget.value)
+            for name, widget in self.parameterWidgets.items():
+                value = widgetValue(widget, P.BY_NAME[name])
+                if value is not None:
+                    p.set(name, value)
         finally:
             self._parameterNode.EndModify(wasModified)
 
@@ -340,11 +395,11 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = ParameterNode(self._parameterNode)
         self.ui.progressBar.value = 0
-        try:
+        try:  # p.settings(): the library's settings as a plain dict, passed through to register()
             run = self.logic.start(p.getNode("FixedVolume"), p.getNode("MovingVolume"),
                                    refreshEvery=p.get("RefreshEvery"), **p.nodes(), **p.settings(),
                                    liveLayout=LiveLayout(slicer.mrmlScene, slicer.app.applicationLogic()))
-        except ValueError as exc:  # the library's InputError: a one-line reason, no traceback
+        except ValueError as exc:  # the library's InputError (or a malformed list): one line, no traceback
             slicer.util.errorDisplay(_("Cannot register: {reason}").format(reason=exc))
             return
         except Exception as exc:
@@ -485,7 +540,8 @@ class DEQRegistrationTest(ScriptedLoadableModuleTest):
         p = ParameterNode(logic.getParameterNode())
         self.assertEqual(p.get("Update"), "gradient")
         self.assertEqual(p.settings(), {"update": "gradient", "device": "auto", "similarity": "lncc",
-                                        "diffusion_weight": 0.5})
+                                        "diffusion_weight": 0.5, "window": 5, "step_size": 1.0, "sigma": 1.5,
+                                        "cpu_fallback": True})
         layoutNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLLayoutNode")
         if layoutNode is not None:
             live = LiveLayout(slicer.mrmlScene)

@@ -505,3 +505,30 @@ def test_gpu_request_without_gpu_and_out_of_memory_fall_back_to_cpu(monkeypatch)
     if not torch.cuda.is_available():
         out = RegistrationLogic().register(fixed, moving, update="gradient", max_steps=2, device="cuda")
         assert out.device == "cpu" and any("No CUDA GPU" in m for m in out.messages)
+
+
+def test_advanced_settings_from_the_parameter_node_reach_the_library_and_the_stage_is_shown(monkeypatch):
+    """The panel's settings dict goes through start() to register() unchanged (similarity, levels, weights);
+    the status line names the stage the library reports (``Progress.stage``, when it has one)."""
+    import DEQRegistrationLib.registration as core
+    from DEQRegistrationSlicerLib.parameters import ParameterNode
+    scene = slicer.mrmlScene = slicer.vtkMRMLScene()
+    fixed, moving = make_pair()
+    p = ParameterNode.create(scene)
+    for name, value in (("Similarity", "mind"), ("Pyramid", "2, 1"), ("LevelWeights", "1, 2"), ("MaxSteps", 9),
+                        ("Sigma", 1.0), ("CpuFallback", False)):
+        p.set(name, value)
+    status = []
+    logic = RegistrationLogic(statusCallback=lambda text, fraction: status.append(text))
+    out = logic.register(fixed, moving, refreshEvery=3, **p.settings())
+    r = out.result
+    assert (r.settings.similarity, list(r.settings.pyramid), r.settings.sigma, r.settings.cpu_fallback) == (
+        "mind", [2, 1], 1.0, False)
+    assert [(lv.factor, lv.steps) for lv in r.plan.levels] == [(2, 3), (1, 6)]  # 9 steps split 1 : 2
+    assert {row["level"] for row in r.trace} == {0, 1}
+    assert any(t.startswith("Deformable registration: step") for t in status), status
+    # a library whose Progress names its stage (an alignment stage, say): the status line shows that name
+    monkeypatch.setattr(core.Progress, "stage", "Alignment", raising=False)
+    status.clear()
+    logic.register(fixed, moving, refreshEvery=3, max_steps=3)
+    assert any(t.startswith("Alignment: step") for t in status), status

@@ -219,7 +219,9 @@ def test_ui_parses_and_every_referenced_widget_exists(module):
     missing = sorted(referenced - set(widgets))
     assert not missing, missing
     from DEQRegistrationSlicerLib import parameters as P
-    assert set(module.PARAMETER_WIDGETS) == set(P.BY_NAME)  # every parameter has its widget
+    generated = {spec.name for spec in module.generatedParameters()}
+    assert generated and not generated & set(module.PARAMETER_WIDGETS)
+    assert set(module.PARAMETER_WIDGETS) | generated == set(P.BY_NAME)  # every parameter has its widget
     assert set(module.NODE_WIDGETS) == set(P.NODE_REFERENCES)
     for name in ("registerButton", "progressBar", "statusLabel", "advancedCollapsibleButton", "restoreLayoutButton",
                  "sampleDataButton"):
@@ -256,7 +258,7 @@ def test_ui_advanced_collapsed_and_selectors_typed():
 
 class _Attr:
     def __init__(self, **kw):
-        self.__dict__.update(text="", enabled=True, toolTip="", value=0, currentPath="")
+        self.__dict__.update(text="", enabled=True, toolTip="", value=0, currentPath="", checked=False)
         self.__dict__.update(kw)
 
 
@@ -314,6 +316,9 @@ def _widget_with_standin_ui(module):
         widget = (_Selector() if name.endswith("Selector") else _Combo() if name.endswith("ComboBox") else _Attr())
         setattr(ui, name, widget)
     w.ui = ui
+    w.parameterWidgets = {name: getattr(ui, widgetName) for name, widgetName in module.PARAMETER_WIDGETS.items()}
+    for spec in module.generatedParameters():  # what setup() builds with makeParameterWidget
+        w.parameterWidgets[spec.name] = _Combo() if spec.choices else _Attr()
     w.fillChoices()
     w.logic = module.DEQRegistrationLogic()
     w.logic.statusCallback = w.onStatus
@@ -363,6 +368,9 @@ def test_widget_gui_and_parameter_node_round_trip(module):
     w.ui.modelComboBox.select("default")
     w.ui.deviceComboBox.select("cpu")
     w.ui.similarityComboBox.select("mse")
+    built = w.parameterWidgets  # the Advanced rows the module builds from the parameter table
+    built["Window"].value, built["StepSize"].value, built["Sigma"].value = 7, 0.5, 1.0
+    built["Pyramid"].text, built["CpuFallback"].checked = "4, 2,1", False
     w.updateParameterNodeFromGUI()
     p = ParameterNode(w._parameterNode)
     assert (p.get("MaxSteps"), p.get("Tolerance"), p.get("RefreshEvery")) == (48, 0.002, 3)
@@ -370,7 +378,8 @@ def test_widget_gui_and_parameter_node_round_trip(module):
         "gradient", "fixed-point", "cpu", "mse")
     assert p.getNode("FixedVolume") is fixed and p.getNode("MovingVolume") is moving
     assert p.settings() == {"update": "gradient", "max_steps": 48, "tol": 0.002, "solver": "fixed-point",
-                            "device": "cpu", "similarity": "mse", "diffusion_weight": 1.25}
+                            "device": "cpu", "similarity": "mse", "diffusion_weight": 1.25, "window": 7,
+                            "step_size": 0.5, "sigma": 1.0, "pyramid": [4, 2, 1], "cpu_fallback": False}
     # and back: a fresh GUI shows the stored settings
     w2 = _widget_with_standin_ui(module)
     w2.updateGUIFromParameterNode()
@@ -378,9 +387,55 @@ def test_widget_gui_and_parameter_node_round_trip(module):
     assert w2.ui.solverComboBox.itemData(w2.ui.solverComboBox.currentIndex) == "fixed-point"
     assert w2.ui.registerButton.enabled is True and w2.ui.registerButton.text == "Register"
     assert w2.ui.modelComboBox.enabled is False and w2.ui.similarityComboBox.enabled is True
+    built2 = w2.parameterWidgets
+    assert (built2["Window"].value, built2["Pyramid"].text, built2["CpuFallback"].checked) == (7, "4, 2,1", False)
+    assert built2["Window"].enabled is False and built2["StepSize"].enabled is True  # the window is LNCC's
+    p.set("Similarity", "lncc")
+    w2.updateGUIFromParameterNode()
+    assert built2["Window"].enabled is True
     p.set("Update", "learned")
     w2.updateGUIFromParameterNode()
     assert w2.ui.modelComboBox.enabled is True and w2.ui.similarityComboBox.enabled is False
+    assert built2["Window"].enabled is False and built2["Sigma"].enabled is False  # the model keeps its own
+    assert built2["Pyramid"].enabled is True and built2["CpuFallback"].enabled is True
+    assert "step_size" not in p.settings() and p.settings()["pyramid"] == [4, 2, 1]
+
+
+def test_advanced_rows_are_built_from_the_parameter_table(module, monkeypatch):
+    """makeParameterWidget (Qt in Slicer; here a recording stand-in of the four Qt classes it uses)."""
+    from DEQRegistrationSlicerLib import parameters as P
+
+    class QWidget:
+        def __init__(self):
+            self.decimals = None
+
+    fake = types.SimpleNamespace(**{name: type(name, (QWidget,), {}) for name in
+                                    ("QComboBox", "QCheckBox", "QSpinBox", "QDoubleSpinBox", "QLineEdit")})
+    monkeypatch.setattr(module, "qt", fake)
+    made = {spec.name: module.makeParameterWidget(spec) for spec in module.generatedParameters()}
+    assert type(made["Window"]).__name__ == "QSpinBox" and (made["Window"].minimum, made["Window"].singleStep) == (3, 2)
+    assert type(made["Sigma"]).__name__ == "QDoubleSpinBox" and made["Sigma"].decimals == 2
+    assert type(made["CpuFallback"]).__name__ == "QCheckBox" and type(made["Pyramid"]).__name__ == "QLineEdit"
+    for name, widget in made.items():
+        assert widget.toolTip == P.BY_NAME[name].tooltip and widget.objectName
+    assert module.widgetSignal(P.BY_NAME["CpuFallback"]) == "toggled(bool)"
+    assert module.widgetSignal(P.BY_NAME["Pyramid"]) == "editingFinished()"
+
+
+def test_malformed_level_list_is_refused_with_its_name_and_creates_nothing(module, app):
+    pytest.importorskip("torch")
+    from DEQRegistrationSlicerLib.parameters import ParameterNode
+    w = _widget_with_standin_ui(module)
+    w.logic.ensureDependencies = lambda requirements=None: True
+    p = ParameterNode(w._parameterNode)
+    p.setNode("FixedVolume", slicer.util.addVolumeFromArray(np.ones((6, 6, 6), np.float32), np.eye(4), "f"))
+    p.setNode("MovingVolume", slicer.util.addVolumeFromArray(np.ones((6, 6, 6), np.float32), np.eye(4), "m"))
+    n = slicer.mrmlScene.GetNumberOfNodes()
+    for text, reason in (("4, two, 1", "Pyramid must be numbers"), ("1, 2", "coarse to fine")):
+        p.set("Pyramid", text)
+        w.onRegisterButton()
+        assert app.errors and reason in app.errors[-1] and not w.logic.isRunning, app.errors
+        assert slicer.mrmlScene.GetNumberOfNodes() == n
 
 
 def test_learned_mode_on_a_3d_volume_without_a_3d_model_disables_register(module):

@@ -321,6 +321,8 @@ def test_parameter_node_survives_scene_save_and_load(scene):
     p.set("Tolerance", 2.5e-4)
     p.set("Solver", "fixed-point")
     p.set("Update", "hybrid")
+    p.set("Pyramid", "4, 2, 1")
+    p.set("CpuFallback", False)
     p.setNode("FixedVolume", vol)
     with pytest.raises(ValueError):
         p.set("Solver", "newton")
@@ -338,8 +340,9 @@ def test_parameter_node_survives_scene_save_and_load(scene):
     assert q.get("Solver") == "fixed-point" and q.get("Update") == "hybrid"
     assert q.get("RefreshEvery") == 5
     assert q.getNode("FixedVolume").GetName() == "fixedVol"
+    assert q.get("CpuFallback") is False and q.get("Pyramid") == "4, 2, 1"
     assert q.settings() == {"update": "hybrid", "max_steps": 48, "tol": 2.5e-4, "solver": "fixed-point",
-                            "device": "auto", "model": "default"}
+                            "device": "auto", "model": "default", "pyramid": [4, 2, 1], "cpu_fallback": False}
 
 
 def test_parameter_node_maps_to_the_library_settings_in_one_place(scene):
@@ -370,6 +373,17 @@ def test_parameter_node_maps_to_the_library_settings_in_one_place(scene):
     assert q.settings()["model"] == "/some/model.pt"
     with pytest.raises(ValueError, match="Similarity must be one of"):
         q.set("Similarity", "mi")
+    # the rows the module builds its own widgets for reach Settings too
+    q.set("Update", "gradient")
+    for name, value in (("Similarity", "mind"), ("Window", 7), ("StepSize", 0.5), ("Sigma", 2.0),
+                        ("Pyramid", "2,1"), ("LevelWeights", "1, 3"), ("CpuFallback", False)):
+        q.set(name, value)
+    s = config.make_settings(**q.settings())
+    assert (s.similarity, s.window, s.step_size, s.sigma, list(s.pyramid), list(s.level_weights), s.cpu_fallback) \
+        == ("mind", 7, 0.5, 2.0, [2, 1], [1, 3], False)
+    q.set("Pyramid", "4, x")
+    with pytest.raises(ValueError, match="Pyramid must be numbers"):
+        q.settings()
 
 
 def test_old_scenes_update_mode_is_read_as_update(scene):

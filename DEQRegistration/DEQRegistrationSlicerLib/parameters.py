@@ -5,9 +5,13 @@ references (``SetNodeReferenceID``), so they are saved with the scene and come
 back on load. ``PARAMETERS`` is the only table of them: each row names the
 parameter, its type and default, its allowed values and the field of
 ``DEQRegistrationLib.config.Settings`` it sets. ``ParameterNode.settings()``
-turns a node into the keyword arguments of ``register()``; nothing else
+turns a node into the keyword arguments of ``register()`` (a plain dict,
+passed through ``RegistrationLogic.start`` to the library's
+``make_settings``, which refuses names it does not know); nothing else
 translates between the two. Adding a library setting to the panel is one row
-here, one widget in the .ui and one entry in the module's ``PARAMETER_WIDGETS``.
+here: a row with a ``label`` and no widget in the .ui gets its widget built by
+the module in the "Advanced" section (``DEQRegistration.py``,
+``makeParameterWidget``).
 
 This small typed wrapper replaces ``parameterNodeWrapper``, which needs Qt and
 therefore cannot run on ``slicer-core``.
@@ -21,7 +25,7 @@ from typing import Optional, Tuple
 # imports torch (the module must load without it); a test checks they match.
 UPDATES = ("gradient", "learned", "hybrid")
 SOLVERS = ("anderson", "fixed-point")
-SIMILARITIES = ("lncc", "mse")
+SIMILARITIES = ("lncc", "mse", "mind")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = ("default", "file")
 AUTO = "auto"
@@ -36,6 +40,36 @@ class Parameter:
     setting: Optional[str] = None   # the Settings field it sets; None: used by the module only
     auto: object = None             # the value meaning "the mode's own default" (not passed on)
     gradient_only: bool = False     # a setting of the weight-free update (a model keeps its own)
+    # a row the module builds a widget for (no widget in the .ui): its label, tooltip and range
+    label: str = ""
+    tooltip: str = ""
+    limits: Tuple = ()              # numbers: (minimum, maximum, single step[, decimals])
+    only_with: Tuple = ()           # (parameter, value): the widget is enabled only when that parameter has it
+
+    def parse(self, text):
+        """The stored string as a value of ``kind`` (ValueError when it is not one; lists are checked by
+        ``ParameterNode.settings``, so a malformed one is reported, not silently dropped)."""
+        if self.kind is bool:
+            if text not in ("True", "False"):
+                raise ValueError(text)
+            return text == "True"
+        return self.kind(text)
+
+
+def numbers(text: str, name: str = "value"):
+    """A comma-separated list of numbers as ints (or floats); an empty text is None (the library's own)."""
+    parts = [t.strip() for t in str(text).replace(";", ",").split(",") if t.strip()]
+    if not parts:
+        return None
+    try:
+        values = [float(t) for t in parts]
+    except ValueError:
+        raise ValueError(f"{name} must be numbers separated by commas, got {text!r}") from None
+    return [int(v) if v.is_integer() else v for v in values]
+
+
+#: settings given as a list of numbers (stored as text, e.g. "4, 2, 1")
+LIST_SETTINGS = ("pyramid", "level_weights")
 
 
 PARAMETERS = (
@@ -49,6 +83,23 @@ PARAMETERS = (
     Parameter("Similarity", str, "lncc", SIMILARITIES, setting="similarity", gradient_only=True),
     Parameter("DiffusionWeight", float, 0.5, setting="diffusion_weight", gradient_only=True),
     Parameter("RefreshEvery", int, 5),
+    # built by the module (no .ui widget): one row each
+    Parameter("Window", int, 5, setting="window", gradient_only=True, label="LNCC window:",
+              tooltip="Side of the local window of the LNCC similarity, in voxels (odd).", limits=(3, 15, 2),
+              only_with=("Similarity", "lncc")),
+    Parameter("StepSize", float, 1.0, setting="step_size", gradient_only=True, label="Step size:",
+              tooltip="Descent step of the gradient update (larger moves faster, may oscillate).",
+              limits=(0.05, 10.0, 0.1, 2)),
+    Parameter("Sigma", float, 1.5, setting="sigma", gradient_only=True, label="Step smoothing:",
+              tooltip="Width (voxels) of the Gaussian that smooths each step of the gradient update (0: none).",
+              limits=(0.0, 10.0, 0.25, 2)),
+    Parameter("Pyramid", str, "", setting="pyramid", auto="", label="Levels:",
+              tooltip="Downsampling factor of each resolution level, coarse to fine, e.g. 4, 2, 1 (empty: the "
+                      "update's own)."),
+    Parameter("LevelWeights", str, "", setting="level_weights", auto="", label="Level weights:",
+              tooltip="How the step budget is split over the levels, e.g. 1, 1, 2 (empty: equal)."),
+    Parameter("CpuFallback", bool, True, setting="cpu_fallback", label="CPU fallback:",
+              tooltip="When the GPU runs out of memory, run the registration again on the CPU."),
 )
 BY_NAME = {p.name: p for p in PARAMETERS}
 #: names a saved scene may hold from older versions -> today's name
@@ -99,14 +150,14 @@ class ParameterNode:
         if not text:
             return p.default
         try:
-            value = p.kind(text)
+            value = p.parse(text)
         except ValueError:
             return p.default
         return value if not p.choices or value in p.choices else p.default
 
     def set(self, name, value):
         p = BY_NAME[name]
-        value = p.kind(value)
+        value = p.parse(str(value)) if p.kind is bool and isinstance(value, str) else p.kind(value)
         if p.choices and value not in p.choices:
             raise ValueError(f"{name} must be one of {', '.join(map(str, p.choices))}, got {value!r}")
         self.node.SetParameter(name, repr(value) if p.kind is float else str(value))
@@ -127,6 +178,8 @@ class ParameterNode:
         "auto" values are left out (the mode's own default applies); the
         weight-free update's own settings are left out for the learned and
         hybrid updates, whose model keeps the values it was trained with.
+        Lists ("4, 2, 1") become lists of numbers; a malformed one raises
+        ValueError naming the parameter.
         """
         update = self.get("Update")
         out = {}
@@ -136,7 +189,7 @@ class ParameterNode:
             value = self.get(p.name)
             if p.auto is not None and value == p.auto:
                 continue
-            out[p.setting] = value
+            out[p.setting] = numbers(value, p.name) if p.setting in LIST_SETTINGS else value
         if update != "gradient":
             out["model"] = self.get("ModelPath") if self.get("Model") == "file" else "default"
         return out
