@@ -532,3 +532,42 @@ def test_advanced_settings_from_the_parameter_node_reach_the_library_and_the_sta
     status.clear()
     logic.register(fixed, moving, refreshEvery=3, max_steps=3)
     assert any(t.startswith("Alignment: step") for t in status), status
+
+
+def _as_segmentation(labelmap):
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", labelmap.GetName() + " segmentation")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg)
+    slicer.mrmlScene.RemoveNode(labelmap)
+    return seg
+
+
+@pytest.fixture(scope="module")
+def untransformed():
+    """The labelled pair with no parent transforms: what every arrangement below must reproduce."""
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    out = RegistrationLogic().register(*make_pair(labels=True), update="gradient", max_steps=30, refreshEvery=10)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["linear", "nonlinear"])
+def test_every_input_under_its_own_parent_transform_is_registered_where_it_is_shown(untransformed, kind):
+    """Issue 9 (2), through the whole logic: fixed, moving and both label inputs each under a transform of
+    ``kind`` (moved so the world picture is the same; the label inputs under other transforms than their
+    volumes): same Dice before, the same field, Dice after. One label input is a segmentation, the other a
+    label map (fixed/moving swapped between the two kinds)."""
+    scene = slicer.mrmlScene = slicer.vtkMRMLScene()
+    fixed, moving, fixedLabels, movingLabels = make_pair(labels=True)
+    if kind == "linear":
+        fixedLabels = _as_segmentation(fixedLabels)
+    else:
+        movingLabels = _as_segmentation(movingLabels)
+    for node, variant in ((fixed, 0), (moving, 0), (fixedLabels, 1), (movingLabels, 1)):
+        testing.put_under_transform(node, kind, scene, variant)
+    out = RegistrationLogic().register(fixed, moving, fixedLabels, movingLabels, update="gradient", max_steps=30,
+                                       refreshEvery=10)
+    # the labels are where they are shown: the Dice of the pair as given is the untransformed pair's
+    assert abs(out.initialDice - untransformed.initialDice) < 0.03, (out.initialDice, untransformed.initialDice)
+    assert out.dice > out.initialDice + 0.1 and abs(out.dice - untransformed.dice) < 0.05
+    mean = weighted_mean_displacement(out, fixed)
+    assert np.linalg.norm(mean - weighted_mean_displacement(untransformed, fixed)) < 0.5, mean
+    assert all(node.GetTransformNodeID() for node in (fixed, moving, fixedLabels, movingLabels))  # untouched

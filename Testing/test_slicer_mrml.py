@@ -164,42 +164,6 @@ def non_hierarchy_nodes(scene):
     return {n.GetID() for n in nodes if not n.IsA("vtkMRMLSubjectHierarchyNode")}
 
 
-def put_under(node, kind, scene):
-    """Put ``node`` under a transform of ``kind`` without changing where it is shown in world coordinates.
-
-    linear: a rigid motion M, with the node's IJKToRAS moved by M^-1; non-linear: a
-    grid transform whose FromParent displacement is a constant d (world x shows
-    local x + d), with the node's IJKToRAS moved by +d. The grid transform is a
-    vtkOrientedGridTransform, so Slicer treats it as non-linear (resampling).
-    """
-    if kind == "none":
-        return
-    if kind == "linear":
-        M = testing.oblique_affine((1, 1, 1), 20.0, (5.0, -3.0, 4.0), axis=(0.3, 0.8, 0.5))
-        t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
-        t.SetMatrixTransformToParent(mrml._array_to_matrix(M))
-        local = np.linalg.inv(M)
-    else:
-        d = np.array([5.0, -2.0, 3.0])
-        t = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
-        big = np.diag([4.0, 4.0, 4.0, 1.0])
-        big[:3, 3] = -40.0
-        mrml.update_grid_transform(t, np.broadcast_to(d, (21, 21, 21, 3)).astype(np.float32), big)
-        local = np.eye(4)
-        local[:3, 3] = d
-    if node.IsA("vtkMRMLSegmentationNode"):
-        node.ApplyTransformMatrix(mrml._array_to_matrix(local)) if kind == "linear" else _shift_segmentation(node, d)
-    else:
-        node.SetIJKToRASMatrix(mrml._array_to_matrix(local @ mrml.ijk_to_ras(node)))
-    node.SetAndObserveTransformNodeID(t.GetID())
-
-
-def _shift_segmentation(seg, d):
-    m = np.eye(4)
-    m[:3, 3] = d
-    seg.ApplyTransformMatrix(mrml._array_to_matrix(m))
-
-
 def labels_node(kind, scene):
     """A label map (on its own grid, not the reference's) or a segmentation made from it."""
     A = testing.oblique_affine((1.2, 1.1, 1.4), -10.0, (-15.0, -16.0, -14.0), axis=(0.6, 0.1, 0.8))
@@ -220,9 +184,9 @@ def labels_node(kind, scene):
 def test_labels_land_where_they_are_shown(scene, kind, labels_parent, reference_parent):
     """Labels on the reference volume's library grid equal the world truth at that grid's voxels."""
     ref = slicer.util.addVolumeFromArray(np.zeros(GRID_SHAPE, np.float32), GRID_AFFINE, "reference")
-    put_under(ref, reference_parent, scene)
+    testing.put_under_transform(ref, reference_parent, scene)
     labels = labels_node(kind, scene)
-    put_under(labels, labels_parent, scene)
+    testing.put_under_transform(labels, labels_parent, scene)
     data, affine = mrml.volume_to_library(ref)
     nodes = non_hierarchy_nodes(scene)
     out = mrml.labels_to_library(labels, ref, data.shape, affine)
@@ -240,7 +204,7 @@ def test_volume_under_parent_transform_is_read_where_shown(scene):
     f = testing.blob_function([[2.0, -3.0, 1.0], [-6.0, 4.0, -2.0]], 4.0)
     for kind in ("linear", "nonlinear"):
         node = testing.add_sampled_volume(f, GRID_SHAPE, GRID_AFFINE, kind)
-        put_under(node, kind, scene)
+        testing.put_under_transform(node, kind, scene)
         data, affine = mrml.volume_to_library(node)
         ijk = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), -1).reshape(-1, 3)
         pts = (affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
