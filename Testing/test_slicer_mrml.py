@@ -276,6 +276,8 @@ def test_plot_table_rows_and_series():
     np.testing.assert_allclose(slicer.util.arrayFromTableColumn(trace, "residual"), [1, 0.5, 1 / 3, 0.25, 0.2])
     series = chart.GetNthPlotSeriesNode(0)
     assert series.GetXColumnName() == "step" and series.GetTableNode() is trace
+    # the curves are named in the axis title, not in a legend that would cover Dice (0.5-1, the top of the axis)
+    assert not chart.GetLegendVisibility() and "Dice (orange)" in chart.GetYAxisTitle()
 
 
 def test_parameter_node_survives_scene_save_and_load(scene):

@@ -23,7 +23,7 @@ pytest.importorskip("slicer")
 pytest.importorskip("trame_slicer")
 pytest.importorskip("torch")
 
-SIZE = 128
+SIZE = 192  # large enough for the chart's axes and curves to be legible in the saved pictures
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +36,17 @@ def rendered():
     shape = (1, 56, 56)  # one axial slice: the library's 2D path
     A = testing.centred_affine(shape, (1.0, 1.0, 2.0), 0.0, axis=(0, 0, 1))
     centres = np.array([[0.0, 0.0, 0.0], [12.0, -9.0, 0.0], [-10.0, 8.0, 0.0], [8.0, 12.0, 0.0]])
-    f = testing.blob_function(centres, 4.0)
+    # the blobs move apart and together (not one translation), so the folding map shows expansion and compression
+    moved = centres + np.array([[0.0, 0.0, 0.0], [3.0, -2.0, 0.0], [-3.0, 2.5, 0.0], [-2.0, -2.5, 0.0]])
+    f, g = testing.blob_function(centres, 4.0), testing.blob_function(moved, 4.0)
     slicer.mrmlScene = renderer.scene
     fixed = testing.add_sampled_volume(f, shape, A, "fixed")
-    moving = testing.add_sampled_volume(lambda p: f(p - [3.0, -2.0, 0.0]), shape, A, "moving")
-    to_labels = lambda g: lambda p: (g(p) > 0.4).astype(np.int16)  # noqa: E731
+    moving = testing.add_sampled_volume(g, shape, A, "moving")
+    to_labels = lambda h: lambda p: (h(p) > 0.4).astype(np.int16)  # noqa: E731
     fixedLabels = testing.add_sampled_volume(to_labels(f), shape, A, "fixed labels", "vtkMRMLLabelMapVolumeNode",
                                              np.int16)
-    movingLabels = testing.add_sampled_volume(to_labels(lambda p: f(p - [3.0, -2.0, 0.0])), shape, A,
-                                              "moving labels", "vtkMRMLLabelMapVolumeNode", np.int16)
+    movingLabels = testing.add_sampled_volume(to_labels(g), shape, A, "moving labels", "vtkMRMLLabelMapVolumeNode",
+                                              np.int16)
     # paced: the solver waits until each refresh is rendered (a GUI that keeps up), so every refresh is compared
     frames, out, timing = R.run(renderer, fixed, moving, fixedLabels, movingLabels, refreshEvery=4, max_steps=40,
                                 update="gradient", paced=True)
@@ -54,6 +56,11 @@ def rendered():
 
 def _diff(a, b):
     return float(np.mean(np.abs(a.astype(float) - b.astype(float))))
+
+
+def _changed(a, b, levels):
+    """How many pixels changed by more than ``levels`` (of 255) in some colour channel."""
+    return int((np.abs(a.astype(int) - b.astype(int)).max(-1) > levels).sum())
 
 
 def _colour(overlay):
@@ -92,11 +99,17 @@ def test_misalignment_shows_as_colour_and_fades_as_the_pair_is_aligned(rendered)
 
 
 def test_folding_map_and_chart_change_between_refreshes(rendered):
+    """Visibly: a change counts when a pixel moves by more than 10 % of the colour range, on 1 % of the view."""
     frames, out, again, _ = rendered
-    early = frames[:4]  # the first refreshes, where the solver moves most
-    for (s0, a), (s1, b) in zip(early, early[1:]):
-        assert _diff(a[1], b[1]) > 0.05, ("folding map unchanged", s0, s1)
-        assert _diff(a[2], b[2]) > 0.05, ("chart unchanged", s0, s1)
+    visible = 0.01 * SIZE * SIZE
+    for (s0, a), (s1, b) in zip(frames[:3], frames[1:3]):  # the first refreshes, where the solver moves most
+        assert _changed(a[1], b[1], 10) > visible, ("folding map unchanged", s0, s1, _changed(a[1], b[1], 10))
+        assert _changed(a[2], b[2], 25) > visible, ("chart unchanged", s0, s1, _changed(a[2], b[2], 25))
+    # the chart grows at every refresh up to the result (the last frame repeats the last refresh's step)
+    for (s0, a), (s1, b) in zip(frames[:-2], frames[1:-1]):
+        assert _changed(a[2], b[2], 25) > 20, ("chart unchanged", s0, s1)
+    # the folding map of the result is far from the identity's (expansion yellow, compression blue)
+    assert _changed(frames[0][1][1], frames[-1][1][1], 25) > visible
     # the last picture is the result's: rendering again changes nothing
     for a, b in zip(frames[-1][1], again):
         assert _diff(a, b) == 0.0

@@ -74,7 +74,7 @@ class ChartView:
         scene.AddItem(chart)
         if chartNode is not None:
             chart.SetTitle(chartNode.GetTitle() or "")
-            chart.SetShowLegend(True)
+            chart.SetShowLegend(bool(chartNode.GetLegendVisibility()))
             bottom = chart.GetAxis(vtkAxis.BOTTOM)
             bottom.SetTitle(chartNode.GetXAxisTitle() or "")
             if not chartNode.GetXAxisRangeAuto():

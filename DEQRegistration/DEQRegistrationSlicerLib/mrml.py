@@ -463,6 +463,8 @@ def setup_plot(scene, chartNode, traceTable, diceTable=None):
     chartNode.SetXAxisRangeAuto(True)  # until a run knows its step budget
     chartNode.SetTitle("DEQReg convergence")
     chartNode.SetXAxisTitle("solver step")
-    chartNode.SetYAxisTitle("residual (log)" + (" / mean Dice" if diceTable is not None else ""))
+    # no legend: in the top corner it hid the Dice curve (0.5-1 on the log axis); the axis title names the colours
+    chartNode.SetLegendVisibility(False)
+    chartNode.SetYAxisTitle("residual (blue)" + (" / Dice (orange)" if diceTable is not None else ""))
     chartNode.SetYAxisLogScale(True)
     return chartNode
