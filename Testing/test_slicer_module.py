@@ -617,6 +617,23 @@ def test_sample_pair_loads_real_anatomy_as_nodes():
     assert "MNI" in pair.description and pair.fixed.GetName() == "MNI152 template"
 
 
+def test_load_sample_pair_button_selects_the_pair_and_register_is_ready(module, app):
+    """The panel's "Load sample pair" (the dialogs and the wait cursor of loadSampleDataInteractively need Qt)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("nilearn")
+    from DEQRegistrationSlicerLib import sampledata
+    from DEQRegistrationSlicerLib.parameters import ParameterNode
+    w = _widget_with_standin_ui(module)
+    w.logic.loadSampleDataInteractively = lambda: sampledata.loadSamplePair(slicer.mrmlScene)
+    w.onLoadSampleData()
+    w.updateGUIFromParameterNode()  # what the parameter node's observer does in Slicer
+    p = ParameterNode(w._parameterNode)
+    assert [p.getNode(role).GetName() for role in ("FixedVolume", "MovingVolume", "FixedLabels", "MovingLabels")] == \
+        list(sampledata.NAMES)
+    assert "MNI" in w.ui.statusLabel.text
+    assert w.ui.registerButton.enabled and w.ui.registerButton.text == "Register"
+
+
 # --- packaging ----------------------------------------------------------------------------------
 
 
