@@ -527,11 +527,29 @@ def test_advanced_settings_from_the_parameter_node_reach_the_library_and_the_sta
     assert [(lv.factor, lv.steps) for lv in r.plan.levels] == [(2, 3), (1, 6)]  # 9 steps split 1 : 2
     assert {row["level"] for row in r.trace} == {0, 1}
     assert any(t.startswith("Deformable registration: step") for t in status), status
-    # a library whose Progress names its stage (an alignment stage, say): the status line shows that name
-    monkeypatch.setattr(core.Progress, "stage", "Alignment", raising=False)
+    # a library whose Progress names its stage (the alignment branch's "alignment"): shown in words
+    monkeypatch.setattr(core.Progress, "stage", "alignment", raising=False)
     status.clear()
     logic.register(fixed, moving, refreshEvery=3, max_steps=3)
-    assert any(t.startswith("Alignment: step") for t in status), status
+    assert any(t.startswith("Linear alignment: step") for t in status), status
+
+
+def test_output_transform_holds_the_whole_transform_when_the_library_keeps_a_linear_part_apart(monkeypatch):
+    """A library with an alignment stage returns the deformation and the linear part apart
+    (``total_displacement()`` composes them): the one output grid transform must hold both."""
+    import DEQRegistrationLib.registration as core
+    from DEQRegistrationLib.geometry import voxel_field_to_physical
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    fixed, moving = make_pair()
+    monkeypatch.setattr(core.RegistrationResult, "total_displacement",
+                        lambda self: self.displacement + np.array([1.0, -2.0, 0.5])[:, None, None, None],
+                        raising=False)
+    out = RegistrationLogic().register(fixed, moving, update="gradient", max_steps=4, refreshEvery=2)
+    r = out.result
+    whole = voxel_field_to_physical(r.total_displacement(), r.fixed_affine)
+    np.testing.assert_allclose(slicer.util.arrayFromGridTransform(out.transform), mrml.field_to_kji(whole),
+                               atol=1e-5)
+    assert not np.allclose(whole, r.displacement_mm(), atol=0.1)
 
 
 def _as_segmentation(labelmap):

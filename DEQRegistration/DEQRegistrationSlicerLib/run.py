@@ -43,6 +43,9 @@ from . import mrml
 logger = logging.getLogger(__name__)
 
 TRACE_COLUMNS = ["step", "level", "residual", "seconds"]
+#: the library's stage identifiers (``Progress.stage``; a library without stages runs only the deformable one)
+#: -> the words the status line shows; an unknown identifier is shown as it is
+STAGE_LABELS = {"alignment": "Linear alignment", "deformable": "Deformable registration"}
 DICE_COLUMNS = ["step", "dice"]
 
 
@@ -122,6 +125,19 @@ class _Done:
     dice: Optional[float]
     foldingPercent: float
     final: Frame
+
+
+def total_displacement_mm(result) -> np.ndarray:
+    """The result's whole transform as one RAS-mm field on the fixed grid: what the one grid transform holds.
+
+    A library with a linear alignment stage keeps it apart from the deformation
+    (``total_displacement()`` composes both); without one, the deformation is
+    the whole transform.
+    """
+    from DEQRegistrationLib.geometry import voxel_field_to_physical
+    total = getattr(result, "total_displacement", None)
+    field = total() if callable(total) else result.displacement
+    return voxel_field_to_physical(field, result.fixed_affine)
 
 
 def format_seconds(s: float) -> str:
@@ -298,7 +314,8 @@ class RegistrationRun:
             dice = None
             if inputs.fixedLabels is not None and result.warped_labels is not None:
                 dice = metrics.mean_dice(inputs.fixedLabels, result.warped_labels)
-            final = Frame.fromLibrary(result.steps, result.warped.data, result.displacement_mm(), result.jacobian)
+            final = Frame.fromLibrary(result.steps, result.warped.data, total_displacement_mm(result),
+                                      result.jacobian)
             self._post("done", _Done(result, dice, metrics.folding_percent(result.jacobian), final))
         except BaseException as exc:  # reported on the main thread
             self._post("error", (exc, traceback.format_exc()))
@@ -312,7 +329,8 @@ class RegistrationRun:
         self.stepsDone = progress.step
         self._post("row", dict(step=progress.step, max_steps=progress.max_steps, level=progress.level,
                                n_levels=progress.n_levels, residual=progress.residual, seconds=progress.seconds,
-                               stage=getattr(progress, "stage", "Deformable registration")))
+                               stage=STAGE_LABELS.get(getattr(progress, "stage", "deformable"),
+                                                      str(getattr(progress, "stage", "")))))
         if progress.step % self.refreshEvery == 0:
             from DEQRegistrationLib.geometry import voxel_field_to_physical
             from DEQRegistrationLib import metrics
