@@ -11,7 +11,11 @@ passed through ``RegistrationLogic.start`` to the library's
 translates between the two. Adding a library setting to the panel is one row
 here: a row with a ``label`` and no widget in the .ui gets its widget built by
 the module in the "Advanced" section (``DEQRegistration.py``,
-``makeParameterWidget``).
+``makeParameterWidget``); a row with choices also needs the words for them in
+the module's ``choiceLabels`` (a test refuses identifiers shown as they are).
+For example, once the library has them: ``Parameter("Init", str, "affine",
+("none", "center", "rigid", "affine"), setting="init", label="Initial
+alignment:")``.
 
 This small typed wrapper replaces ``parameterNodeWrapper``, which needs Qt and
 therefore cannot run on ``slicer-core``.
