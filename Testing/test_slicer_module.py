@@ -597,14 +597,21 @@ def test_version_comparison():
 # --- sample data ----------------------------------------------------------------------------------
 
 
-def test_sample_pair_loads_real_anatomy_as_nodes():
-    """The one-click "try it" pair: the MNI template (nilearn's wheel, offline) and its deformed copy."""
+def test_sample_pair_loads_real_anatomy_and_the_panel_selects_it(module, app):
+    """The one-click "try it" pair: the MNI template (nilearn's wheel, offline) and its deformed copy, loaded
+    through the panel's "Load sample pair" (the dialogs and wait cursor around it need Qt) and selected."""
     pytest.importorskip("torch")
     pytest.importorskip("nilearn")
     from DEQRegistrationLib import metrics
     from DEQRegistrationSlicerLib import mrml, sampledata
-    scene = slicer.mrmlScene
-    pair = sampledata.loadSamplePair(scene)
+    from DEQRegistrationSlicerLib.parameters import ParameterNode
+    w = _widget_with_standin_ui(module)
+    loaded = []
+    w.logic.loadSampleDataInteractively = lambda: loaded.append(sampledata.loadSamplePair(slicer.mrmlScene)) or \
+        loaded[-1]
+    w.onLoadSampleData()
+    w.updateGUIFromParameterNode()  # what the parameter node's observer does in Slicer
+    pair = loaded[0]
     fixed, fixedAffine = mrml.volume_to_library(pair.fixed)
     moving, movingAffine = mrml.volume_to_library(pair.moving)
     labels, _ = mrml.volume_to_library(pair.fixedLabels)
@@ -615,21 +622,10 @@ def test_sample_pair_loads_real_anatomy_as_nodes():
     assert pair.fixedLabels.IsA("vtkMRMLLabelMapVolumeNode") and set(np.unique(labels)) == {0, 1, 2, 3}
     assert 0.5 < metrics.mean_dice(labels, movingLabels) < 0.95  # deformed, not a copy
     assert "MNI" in pair.description and pair.fixed.GetName() == "MNI152 template"
-
-
-def test_load_sample_pair_button_selects_the_pair_and_register_is_ready(module, app):
-    """The panel's "Load sample pair" (the dialogs and the wait cursor of loadSampleDataInteractively need Qt)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("nilearn")
-    from DEQRegistrationSlicerLib import sampledata
-    from DEQRegistrationSlicerLib.parameters import ParameterNode
-    w = _widget_with_standin_ui(module)
-    w.logic.loadSampleDataInteractively = lambda: sampledata.loadSamplePair(slicer.mrmlScene)
-    w.onLoadSampleData()
-    w.updateGUIFromParameterNode()  # what the parameter node's observer does in Slicer
+    # the panel: the four nodes selected as inputs, the description shown, Register ready
     p = ParameterNode(w._parameterNode)
-    assert [p.getNode(role).GetName() for role in ("FixedVolume", "MovingVolume", "FixedLabels", "MovingLabels")] == \
-        list(sampledata.NAMES)
+    assert [p.getNode(role) for role in ("FixedVolume", "MovingVolume", "FixedLabels", "MovingLabels")] == \
+        [pair.fixed, pair.moving, pair.fixedLabels, pair.movingLabels]
     assert "MNI" in w.ui.statusLabel.text
     assert w.ui.registerButton.enabled and w.ui.registerButton.text == "Register"
 
