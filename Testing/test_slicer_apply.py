@@ -58,7 +58,7 @@ def both(tmp_path_factory):
                                   "--device", "cpu"]]) == 0
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
-    outputs = RegistrationLogic(scene).register(_load(scene, fixed), _load(scene, moving), maxSteps=STEPS,
+    outputs = RegistrationLogic(scene).register(_load(scene, fixed), _load(scene, moving), max_steps=STEPS,
                                                 device="cpu")
     return dict(dir=d, out=d / "out", fixed=fixed, moving=moving, scene=scene, node=outputs.transform)
 
