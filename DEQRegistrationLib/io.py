@@ -160,6 +160,16 @@ def load_labels(path, like: Optional[Image] = None, what: str = "label map") -> 
     return out
 
 
+def load_mask(path, what: str = "mask") -> Image:
+    """Read a mask (label map or binary image) on its own grid; ``masks`` decides what is inside."""
+    path = _check_readable(path, what)
+    img, raw = _read_nibabel(path, what)
+    raw = _spatial(raw, path, what)
+    from .masks import binary
+
+    return Image(binary(raw, f"{what} {path}"), np.asarray(img.affine, dtype=np.float64))
+
+
 # --- writing ------------------------------------------------------------------------
 
 
@@ -245,6 +255,23 @@ def load_itk_displacement(path, what: str = "displacement field") -> Tuple[np.nd
     if data.shape[2] == 1:
         data = data[:, :, 0, :]
     return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def save_itk_affine(matrix_ras: np.ndarray, path) -> Path:
+    """Write a 4x4 RAS world transform (fixed -> moving points) as an ITK transform file (.tfm / .txt).
+
+    ITK (and so ANTs and Slicer) stores transforms in LPS and, like the
+    displacement field, in the resampling direction: it maps fixed physical
+    points to moving ones. Written as ``AffineTransform_double_3_3`` with
+    centre 0: Parameters are the 3x3 matrix row by row, then the translation.
+    """
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    m = flip @ np.asarray(matrix_ras, dtype=np.float64) @ flip
+    values = " ".join(repr(float(v)) for v in list(m[:3, :3].ravel()) + list(m[:3, 3]))
+    path = Path(path)
+    path.write_text("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+                    f"Parameters: {values}\nFixedParameters: 0 0 0\n")
+    return path
 
 
 def itk_displacement_to_voxel(disp_mm_lps: np.ndarray, affine) -> np.ndarray:
@@ -382,6 +409,6 @@ def save_landmarks_csv(points: np.ndarray, path) -> Path:
 
 __all__ = [
     "load_image", "load_labels", "as_label_array", "save_image", "save_labels",
-    "save_itk_displacement", "load_itk_displacement", "itk_displacement_to_voxel",
+    "save_itk_displacement", "load_itk_displacement", "itk_displacement_to_voxel", "save_itk_affine", "load_mask",
     "load_landmarks", "check_landmark_pair", "save_landmarks_csv", "ras_to_lps",
 ]
