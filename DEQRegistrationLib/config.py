@@ -30,6 +30,11 @@ UPDATES = ("learned", "gradient", "hybrid")
 MODEL_UPDATES = ("learned", "hybrid")
 SOLVER_NAMES = ("anderson", "fixed-point")
 SIMILARITIES = ("lncc", "mse")
+#: the linear alignment stage (alignment.py): how far it goes, and its similarities
+INITS = ("none", "center", "rigid", "affine")
+INIT_SIMILARITIES = ("lncc", "ncc", "mse", "mi")
+#: init_similarity when not given: a global measure matching the deformable stage's similarity
+INIT_SIMILARITY_FOR = {"lncc": "ncc", "mse": "mse", "mind": "mi"}
 CONFIG_VERSION = 2
 
 
@@ -219,6 +224,9 @@ class Settings:
     sigma: float = 1.0
     window: int = 5
     similarity: str = "lncc"
+    # the linear alignment before the deformable stage (any update rule)
+    init: str = "affine"              # none | center | rigid | affine
+    init_similarity: Optional[str] = None  # lncc | ncc | mse | mi; None: INIT_SIMILARITY_FOR[similarity]
 
     def validate(self) -> "Settings":
         if self.update not in UPDATES:
@@ -249,12 +257,22 @@ class Settings:
             raise InputError(f"window must be an odd positive integer, got {self.window!r}")
         if self.similarity not in SIMILARITIES:
             raise InputError(f"unknown similarity {self.similarity!r}; choose one of {', '.join(SIMILARITIES)}")
+        if self.init not in INITS:
+            raise InputError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.init_similarity is not None and self.init_similarity not in INIT_SIMILARITIES:
+            raise InputError(f"unknown init_similarity {self.init_similarity!r}; choose one of "
+                             f"{', '.join(INIT_SIMILARITIES)}")
         if self.update != "gradient":
             changed = [name for name in GRADIENT_OPERATOR_SETTINGS if getattr(self, name) != _DEFAULTS[name]]
             if changed:
                 raise InputError(f"{', '.join(changed)} set the gradient update; a {self.update} model keeps the "
                                  "values it was trained with")
         return self
+
+    @property
+    def alignment_similarity(self) -> str:
+        """The similarity the alignment stage uses: ``init_similarity``, or the one matching ``similarity``."""
+        return self.init_similarity or INIT_SIMILARITY_FOR.get(self.similarity, "ncc")
 
     def as_dict(self) -> dict:
         """JSON-friendly copy (a model object is named by its class)."""

@@ -13,7 +13,7 @@ from DEQRegistrationLib import cli
 from DEQRegistrationLib.cli import main
 
 OUTPUTS = {"warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "folding_mask.nii.gz", "warped_seg.nii.gz",
-           "convergence.csv", "metrics.json"}
+           "convergence.csv", "metrics.json", "affine.tfm"}
 METRIC_KEYS = {"dice_before", "dice_mean", "dice_per_label", "hd95", "folding_percent", "std_log_jacobian",
                "tre_mm", "tre_before_mm", "steps", "converged", "final_residual", "seconds", "device", "settings", "plan"}
 
@@ -88,8 +88,10 @@ def test_output_files_formats(run3d):
 
     with open(out / "convergence.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["step", "level", "residual", "seconds"]
-    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    assert list(rows[0]) == ["step", "stage", "level", "residual", "seconds"]
+    assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
+    stages = [r["stage"] for r in rows]
+    assert stages.count("deformable") == 12 and stages == sorted(stages)  # alignment steps first
     secs = [float(r["seconds"]) for r in rows]
     assert secs == sorted(secs)
 
@@ -187,7 +189,9 @@ def test_progress_bar_on_stderr(pair2d, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["register", str(pair2d["fixed"]), str(pair2d["moving"]), "--out", str(out), "--max-steps", "4"]) == 0
     captured = capsys.readouterr()
-    assert "residual" in captured.err and "4/4" in captured.err
+    m = json.loads((out / "metrics.json").read_text())
+    total = m["steps"] + m["alignment_steps"]
+    assert m["steps"] == 4 and "residual" in captured.err and f"{total}/{total}" in captured.err
     assert "level" not in captured.out and "wrote" in captured.out
 
 

@@ -23,6 +23,7 @@ import slicer.util  # noqa: E402
 import vtk  # noqa: E402
 
 from DEQRegistrationSlicerLib import RegistrationLogic, mrml, testing  # noqa: E402
+from DEQRegistrationLib.alignment import planned_steps  # noqa: E402
 
 SHIFT = np.array([3.0, -1.5, 2.0])
 CENTRES = np.array([[0.0, 0.0, 0.0], [9.0, -7.0, 5.0], [-8.0, 6.0, -4.0], [6.0, 8.0, -7.0]])
@@ -177,7 +178,9 @@ def test_live_updates_every_n_steps_and_process_events_each_step(run):
                 assert counts[key] == prev[key], (step, key)
         prev = counts
     texts = [t for t, _ in run["calls"]["status"]]
-    assert texts[0].startswith("Step 1/45") and "residual" in texts[0] and "elapsed" in texts[0]
+    # the total is the alignment stage's planned steps, then the 45 deformable ones
+    planned = planned_steps("affine", run["outputs"].result.displacement.shape[1:])
+    assert texts[0].startswith(f"Step 1/{planned + 45}") and "residual" in texts[0] and "elapsed" in texts[0]
     assert "left" in texts[0]
     assert run["calls"]["status"][-1][1] == 1.0
 
@@ -212,7 +215,8 @@ def test_rerun_reuses_the_same_nodes(run):
                            outputChart=o.chart)
     assert again.warpedVolume is o.warpedVolume and again.chart is o.chart
     assert run["scene"].GetNumberOfNodes() == n
-    assert again.traceTable.GetNumberOfRows() == 3
+    assert again.traceTable.GetNumberOfRows() == again.result.steps  # alignment steps, then the 3 deformable ones
+    assert [row["stage"] for row in again.result.trace].count("deformable") == 3
 
 
 def test_output_that_is_an_input_is_refused(run):
@@ -311,7 +315,9 @@ def test_gpu_request_without_gpu_and_out_of_memory_fall_back_to_cpu(monkeypatch)
                                            refreshEvery=10)
     assert devices == ["cuda", "cpu"] and out.device == "cpu"
     assert any("out of memory" in msg for msg in out.messages)
-    assert out.traceTable.GetNumberOfRows() == 4  # the failed attempt's rows were dropped
+    # the failed attempt's rows were dropped: the CPU run's alignment steps and its 4 deformable ones
+    assert out.traceTable.GetNumberOfRows() == out.result.steps
+    assert [row["stage"] for row in out.result.trace].count("deformable") == 4
 
     if not torch.cuda.is_available():
         out = RegistrationLogic().register(fixed, moving, update="gradient", maxSteps=2, device="cuda")
