@@ -53,7 +53,7 @@ import torch
 from .config import INIT_SIMILARITIES as ALIGN_SIMILARITIES, INITS
 from .geometry import pooled_affine, voxel_to_physical_points
 from .image import Image
-from .losses import local_ncc_map
+from . import similarity
 from .masks import pooled
 from .operators import gaussian_smooth
 from .preprocess import normalize_intensity, pad_to_multiple, to_tensor
@@ -141,55 +141,25 @@ def planned_steps(init: str, shape: Sequence[int]) -> int:
 # --------------------------------------------------------------------------- similarities
 
 
-def _wmean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (x * w).sum() / w.sum().clamp_min(1e-8)
-
-
-def _joint_histogram(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, bins: int) -> torch.Tensor:
-    """Weighted joint histogram of intensities in [0, 1] with linear (tent) bin weights, summing to 1.
-
-    Every sample adds to 2 x 2 bins, so the cost is O(N), not O(N x bins) as
-    with a Gaussian window on each sample; the histogram is then smoothed by a
-    Gaussian of one bin (the Parzen window). Differentiable in both inputs.
-    """
-    def split(x):
-        u = x.clamp(0, 1) * (bins - 1)
-        lower = u.detach().floor().clamp(max=bins - 2)
-        return lower.long(), u - lower
-
-    ia, fa = split(a)
-    ib, fb = split(b)
-    joint = torch.zeros(bins * bins, dtype=b.dtype, device=b.device)
-    for da, wa in ((0, 1 - fa), (1, fa)):
-        for db, wb in ((0, 1 - fb), (1, fb)):
-            joint = joint.index_add(0, (ia + da) * bins + ib + db, w * wa * wb)
-    joint = gaussian_smooth(joint.view(1, 1, bins, bins), 1.0)[0, 0]
-    return joint / joint.sum().clamp_min(1e-12)
-
-
-def mutual_information(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, bins: int = MI_BINS) -> torch.Tensor:
-    """Weighted mutual information of two intensity arrays in [0, 1] (Parzen-smoothed histogram, differentiable)."""
-    keep = w.flatten() > 0
-    joint = _joint_histogram(a.flatten()[keep], b.flatten()[keep], w.flatten()[keep], bins)
-    ma, mb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
-    eps = 1e-10
-    return (joint * (torch.log(joint + eps) - torch.log(ma * mb + eps))).sum()
-
-
 def energy(name: str, fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The alignment's similarity as an energy (lower is better), weighted per voxel."""
-    if name == "lncc":
-        return _wmean(1.0 - local_ncc_map(fixed, warped, LNCC_WINDOW), weight)
-    if name == "mse":
-        return _wmean((fixed - warped) ** 2, weight)
+    """The alignment's similarity as an energy (lower is better): a weighted mean over voxels.
+
+    Every measure comes from ``similarity``: LNCC and MSE are the deformable
+    stage's own classes (their weighted sums, divided by the weight), global
+    NCC and mutual information its global measures. Differentiable in ``warped``.
+    """
+    if name in ("lncc", "mse"):
+        sim = _LOCAL[name]
+        total, _ = sim.compare(fixed, warped, weight, derivative=False)
+        return total.sum() / weight.sum().clamp_min(1e-8)
     if name == "ncc":
-        mf, mw = _wmean(fixed, weight), _wmean(warped, weight)
-        cov = _wmean((fixed - mf) * (warped - mw), weight)
-        var = _wmean((fixed - mf) ** 2, weight) * _wmean((warped - mw) ** 2, weight)
-        return 1.0 - cov / var.clamp_min(1e-12).sqrt()
+        return 1.0 - similarity.global_ncc(fixed, warped, weight)
     if name == "mi":
-        return -mutual_information(fixed, warped, weight)
+        return -similarity.mutual_information(fixed, warped, weight, MI_BINS)
     raise ValueError(f"unknown alignment similarity {name!r}")
+
+
+_LOCAL = {"lncc": similarity.LNCC(window=LNCC_WINDOW), "mse": similarity.MSE()}
 
 
 # --------------------------------------------------------------------------- parameterisations
@@ -522,7 +492,9 @@ class Aligner:
             start_name = "center"
         else:
             scores = {k: score(coarse, T) for k, T in candidates.items()}
-            start_name = min(scores, key=lambda k: (scores[k], k != "identity"))
+            # the identity unless a candidate is better beyond rounding (identical centres give equal scores)
+            margin = 1e-5 + 1e-4 * abs(scores["identity"])  # float32 sums
+            start_name = min(scores, key=lambda k: scores[k] + (0 if k == "identity" else margin))
         T = candidates[start_name]
         out.start = start_name
         e_ident = score(fine, ident)

@@ -29,12 +29,24 @@ from .errors import InputError
 UPDATES = ("learned", "gradient", "hybrid")
 MODEL_UPDATES = ("learned", "hybrid")
 SOLVER_NAMES = ("anderson", "fixed-point")
-SIMILARITIES = ("lncc", "mse")
+SIMILARITIES = ("lncc", "mse", "mind")  # similarity.SIMILARITIES (a test keeps them equal)
 #: the linear alignment stage (alignment.py): how far it goes, and its similarities
 INITS = ("none", "center", "rigid", "affine")
 INIT_SIMILARITIES = ("lncc", "ncc", "mse", "mi")
 #: init_similarity when not given: a global measure matching the deformable stage's similarity
 INIT_SIMILARITY_FOR = {"lncc": "ncc", "mse": "mse", "mind": "mi"}
+#: --preset: named bundles of settings for common cases; settings given beside a preset win over it.
+#: Each is measured in README.md ("Scans as users have them"); the Slicer panel offers them first.
+PRESETS = {
+    "brain-mri": dict(about="same-sequence brain MRI: affine alignment (global NCC), then LNCC (the defaults)",
+                      settings=dict(init="affine", init_similarity=None, similarity="lncc")),
+    "multimodal": dict(about="another contrast or scanner: affine alignment by mutual information, then "
+                             "MIND-SSC",
+                       settings=dict(init="affine", init_similarity="mi", similarity="mind")),
+    "lung-ct": dict(about="inhale/exhale CT of one patient, best with lung masks: rigid alignment (global NCC), "
+                          "then MIND-SSC",
+                    settings=dict(init="rigid", init_similarity="ncc", similarity="mind")),
+}
 CONFIG_VERSION = 2
 
 
@@ -221,12 +233,13 @@ class Settings:
     # the gradient (weight-free) operator; a model keeps what it was trained with
     step_size: float = 1.0
     diffusion_weight: float = 0.5
-    sigma: float = 1.0
+    sigma: float = 1.5
     window: int = 5
     similarity: str = "lncc"
     # the linear alignment before the deformable stage (any update rule)
     init: str = "affine"              # none | center | rigid | affine
     init_similarity: Optional[str] = None  # lncc | ncc | mse | mi; None: INIT_SIMILARITY_FOR[similarity]
+    preset: Optional[str] = None      # the PRESETS entry these settings started from (recorded, see make_settings)
 
     def validate(self) -> "Settings":
         if self.update not in UPDATES:
@@ -257,6 +270,8 @@ class Settings:
             raise InputError(f"window must be an odd positive integer, got {self.window!r}")
         if self.similarity not in SIMILARITIES:
             raise InputError(f"unknown similarity {self.similarity!r}; choose one of {', '.join(SIMILARITIES)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise InputError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.init not in INITS:
             raise InputError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.init_similarity is not None and self.init_similarity not in INIT_SIMILARITIES:
@@ -290,6 +305,8 @@ _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 #: the gradient mode's budget and tolerance when the caller gives none
 GRADIENT_MAX_STEPS = 120
 GRADIENT_TOL = 1e-3
+#: Anderson's history in the gradient mode (5 plateaus near 1e-3 on brain MRI; learned models keep the solver's 5)
+GRADIENT_ANDERSON_MEMORY = 8
 
 
 def _no_model(model) -> bool:
@@ -301,13 +318,21 @@ def setting_names() -> List[str]:
 
 
 def make_settings(base: Optional[Settings] = None, **overrides) -> Settings:
-    """``base`` (or the defaults) with ``overrides``; unknown names raise, naming the valid ones."""
+    """``base`` (or the defaults) with ``overrides``; unknown names raise, naming the valid ones.
+
+    ``preset=NAME`` first applies ``PRESETS[NAME]``'s settings, then the other overrides (they win).
+    """
     unknown = sorted(set(overrides) - set(_DEFAULTS))
     if unknown:
         raise InputError(f"unknown setting(s) {', '.join(repr(u) for u in unknown)}; valid settings: "
                          f"{', '.join(setting_names())}")
     if base is not None and not isinstance(base, Settings):
         raise InputError(f"settings must be a DEQRegistrationLib.config.Settings, got {type(base).__name__}")
+    preset = overrides.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        overrides = {**PRESETS[preset]["settings"], **overrides}
     settings = replace(base or Settings(), **overrides)
     if _no_model(settings.model) and settings.model is not None:
         settings = replace(settings, model=None)

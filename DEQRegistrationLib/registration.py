@@ -23,7 +23,7 @@ import torch
 from . import masks, metrics
 from .alignment import Aligner, Alignment, identity as identity_alignment, planned_steps
 from .checkpoint import load_operator
-from .config import GRADIENT_MAX_STEPS, GRADIENT_TOL, ModelConfig, Settings, make_settings
+from .config import GRADIENT_ANDERSON_MEMORY, GRADIENT_MAX_STEPS, GRADIENT_TOL, ModelConfig, Settings, make_settings
 from .errors import InputError
 from .geometry import ras_to_lps, voxel_field_to_physical
 from .image import Image
@@ -32,7 +32,7 @@ from .operators import GradientUpdate, UpdateOperator
 from .preprocess import check_pair, normalize_intensity, pad_to_multiple, to_tensor
 from .sampling import Sampler
 from .solvers import solve
-from .transforms import downsample_image, upsample_field
+from .transforms import downsample_image, jacobian_determinant, upsample_field
 
 #: what a bare operator object (no stored ModelConfig) runs with
 BARE_OPERATOR_PLAN = dict(solver="anderson", max_steps=48, tol=1e-3)
@@ -83,7 +83,9 @@ class Progress:
 
 @dataclass
 class RegistrationResult:
-    """``displacement`` is the whole transform (alignment then deformation) as one field; ``affine`` its linear part."""
+    """The transform found: x (fixed RAS) -> W (x + d(x)), the deformation ``displacement`` d first, then
+    the linear alignment ``world`` W, as ITK composes a displacement field and an affine (``apply``);
+    ``total_displacement()`` is both as one field."""
 
     warped: Image
     displacement: np.ndarray
@@ -101,23 +103,29 @@ class RegistrationResult:
     cancelled: bool = False
     warped_labels: Optional[np.ndarray] = None
     moving_shape: tuple = ()
-    affine: np.ndarray = field(default_factory=lambda: np.eye(4))  # the linear part: fixed RAS -> moving RAS
-    alignment: Optional[Alignment] = None  # how the linear part was found (None: init none)
+    world: np.ndarray = field(default_factory=lambda: np.eye(4))  # the linear part W: fixed RAS -> moving RAS
+    alignment: Optional[Alignment] = None  # how W was found (None: init none)
     fixed_mask: Optional[np.ndarray] = None  # the fixed mask on the fixed grid (bool), when one was given
 
-    def affine_lps(self) -> np.ndarray:
-        """The linear part as ITK stores it: fixed LPS -> moving LPS."""
+    def world_lps(self) -> np.ndarray:
+        """W as ITK stores it (affine.tfm): fixed LPS -> moving LPS."""
         flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-        return flip @ self.affine @ flip
+        return flip @ self.world @ flip
 
     def displacement_mm(self, lps: bool = False) -> np.ndarray:
-        """(*S, 3) physical displacement in RAS mm (LPS with lps=True)."""
+        """(*S, 3) physical displacement d in RAS mm (LPS with lps=True); W is not in it."""
         d = voxel_field_to_physical(self.displacement, self.fixed_affine)
         return ras_to_lps(d).astype(np.float32) if lps else d
 
+    def total_displacement(self) -> np.ndarray:
+        """The whole transform (d, then W) as one field, (ndim, *S) fixed voxels, with no world transform:
+        what a single grid transform (Slicer) needs."""
+        with torch.no_grad():
+            return self.sampler.composed_displacement(torch.as_tensor(self.displacement)[None])[0].numpy()
+
     @property
     def sampler(self) -> Sampler:
-        return Sampler(self.displacement.shape[1:], self.fixed_affine, self.moving_affine)
+        return Sampler(self.displacement.shape[1:], self.fixed_affine, self.moving_affine, world=self.world)
 
     def warp(self, data: np.ndarray, order: int = 1) -> np.ndarray:
         """Apply the result to another array on the moving grid: order 1 linear, 0 nearest (labels)."""
@@ -153,6 +161,7 @@ class Plan:
     tol: float
     levels: List[Level]
     multiple: int  # every working grid must divide by this (the U-Net's)
+    solver_options: dict = field(default_factory=dict)  # passed to the solver (gradient mode: Anderson's memory)
 
     @property
     def max_steps(self) -> int:
@@ -160,6 +169,7 @@ class Plan:
 
     def as_dict(self) -> dict:
         return dict(solver=self.solver, tol=self.tol, max_steps=self.max_steps,
+                    solver_options=dict(self.solver_options),
                     levels=[dict(factor=lv.factor, steps=lv.steps) for lv in self.levels])
 
 
@@ -185,8 +195,10 @@ def make_plan(settings: Settings, op: UpdateOperator, config: Optional[ModelConf
     if weights is not None and len(weights) != len(pyramid):
         raise InputError(f"level_weights has {len(weights)} entries but the pyramid {pyramid} has {len(pyramid)}")
     levels = plan_levels(pyramid, int(pick("max_steps")), weights)
-    return Plan(solver=pick("solver"), tol=float(pick("tol")), levels=levels,
-                multiple=getattr(getattr(op, "net", None), "multiple", 1))
+    solver = pick("solver")
+    options = dict(memory=GRADIENT_ANDERSON_MEMORY) if settings.update == "gradient" and solver == "anderson" else {}
+    return Plan(solver=solver, tol=float(pick("tol")), levels=levels,
+                multiple=getattr(getattr(op, "net", None), "multiple", 1), solver_options=options)
 
 
 def register(fixed: Image, moving: Image, settings: Optional[Settings] = None, *,
@@ -217,6 +229,9 @@ def register(fixed: Image, moving: Image, settings: Optional[Settings] = None, *
                          f"{moving.shape}")
     fixed_mask = masks.on_grid(fixed_mask, fixed, "fixed mask")
     moving_mask = masks.on_grid(moving_mask, moving, "moving mask")
+    if (fixed_mask is not None or moving_mask is not None) and settings.update != "gradient":
+        raise InputError(f"masks weight the gradient update's similarity; the {settings.update} update's "
+                         "network has no mask input (use --model none, or no mask)")
     device = resolve_device(settings.device)
 
     def run(dev):
@@ -264,15 +279,32 @@ class _Registration:
             padded, _ = pad_to_multiple(to_tensor(fixed_mask.astype(np.float32), "cpu"), multiple)
             masks.check_levels(padded, [level.factor for level in self.plan.levels], "the fixed mask")
 
-    def _prepare(self) -> Tuple[torch.Tensor, torch.Tensor, tuple]:
-        """Normalised fixed and moving-in-fixed images, padded so every level divides; the crop undoing it."""
+    def _prepare(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], tuple]:
+        """Normalised fixed and moving-in-fixed images and the similarity's weight (None: every voxel),
+        padded so every level divides; the crop undoing it.
+
+        The weight is the fixed mask times the moving mask carried into the fixed grid through W (not
+        through the field, so the weight is fixed while the solver runs); padding has weight 0.
+        """
         with torch.no_grad():
             fixed_n = normalize_intensity(to_tensor(self.fixed.data.astype(np.float32, copy=False), self.device))
             moving_n = normalize_intensity(self.sampler.image(self.moving_t))
             multiple = max(level.factor for level in self.plan.levels) * self.plan.multiple
             fixed_p, crop = pad_to_multiple(fixed_n, multiple)
             moving_p, _ = pad_to_multiple(moving_n, multiple)
-        return fixed_p, moving_p, crop
+            weight = None
+            if self.fixed_mask is not None:
+                weight = to_tensor(self.fixed_mask.astype(np.float32), self.device)
+            if self.moving_mask is not None:
+                carried = torch.as_tensor(self.sampler.labels(self.moving_mask.astype(np.uint8)) > 0,
+                                          dtype=torch.float32, device=self.device)[None, None]
+                weight = carried if weight is None else weight * carried
+            weight_p = None
+            if weight is not None:
+                weight_p, _ = pad_to_multiple(weight, multiple)  # zero padding: outside counts for nothing
+                masks.check_levels(weight_p, [level.factor for level in self.plan.levels],
+                                   "the masks (fixed mask and moving mask carried into the fixed grid)")
+        return fixed_p, moving_p, weight_p, crop
 
     def _full(self, z: torch.Tensor, factor: int) -> torch.Tensor:
         """A working-grid field as a field on the whole fixed grid."""
@@ -319,19 +351,23 @@ class _Registration:
         ndim = self.fixed.ndim
         self.alignment = self._align()
         self.sampler = Sampler.between(self.fixed, self.moving, self.alignment.matrix)
-        fixed_p, moving_p, self.crop = self._prepare()
+        fixed_p, moving_p, weight_p, self.crop = self._prepare()
         if self.alignment.stopped:  # cancelled during the alignment: the transform reached, no deformation
             return self._result(torch.zeros(1, ndim, *self.fixed.shape, device=self.device), False, True)
         z, prev, converged, stopped = None, None, False, False
+        spare = 0  # steps a level left unused (it converged early) go to the next one: the total stays the budget
         for index, level in enumerate(self.plan.levels):
             with torch.no_grad():
                 fl = downsample_image(fixed_p, level.factor)
                 ml = downsample_image(moving_p, level.factor)
+                wl = None if weight_p is None else downsample_image(weight_p, level.factor)
+                op = self.op if wl is None else (lambda zz, f_, m_, op=self.op, wl=wl: op(zz, f_, m_, weight=wl))
                 z = (torch.zeros(1, ndim, *fl.shape[2:], device=self.device) if z is None
                      else upsample_field(z, prev // level.factor))
-                res = solve(lambda zz: self.op(zz, fl, ml), z, self.plan.solver, max_steps=level.steps,
-                            tol=self.plan.tol,
+                res = solve(lambda zz: op(zz, fl, ml), z, self.plan.solver, max_steps=level.steps + spare,
+                            tol=self.plan.tol, **self.plan.solver_options,
                             callback=lambda _, r, zc, i=index, f=level.factor: self._on_step(i, f, r, zc))
+            spare += level.steps - res.steps
             z, prev, converged = res.z, level.factor, res.converged
             if res.stopped:
                 stopped = True
@@ -340,19 +376,19 @@ class _Registration:
 
     def _result(self, disp: torch.Tensor, converged: bool, stopped: bool) -> RegistrationResult:
         with torch.no_grad():
-            composed = self.sampler.composed_displacement(disp)
-            warped = self.base_sampler.image(self.moving_t, composed)[0, 0].cpu().numpy()
-        disp_np = composed[0].cpu().numpy().astype(np.float32)
+            warped = self.sampler.image(self.moving_t, disp)[0, 0].cpu().numpy()
+            jacobian = jacobian_determinant(disp)[0].cpu().numpy()
+        disp_np = disp[0].cpu().numpy().astype(np.float32)
         warped_labels = None
         if self.moving_labels is not None:
-            warped_labels = self.base_sampler.labels(np.asarray(self.moving_labels), disp_np)
+            warped_labels = self.sampler.labels(np.asarray(self.moving_labels), disp_np)
         deformable = [row for row in self.trace if row["stage"] == "deformable"]
         return RegistrationResult(
             warped=Image(warped.astype(np.float32), self.fixed.affine.copy()),
             displacement=disp_np,
             fixed_affine=self.fixed.affine.copy(),
             moving_affine=self.moving.affine.copy(),
-            jacobian=metrics.jacobian_determinant(disp_np),
+            jacobian=jacobian,
             trace=self.trace,
             steps=len(self.trace),
             converged=bool(converged),
@@ -364,7 +400,7 @@ class _Registration:
             cancelled=stopped,
             warped_labels=warped_labels,
             moving_shape=tuple(self.moving.shape),
-            affine=np.asarray(self.alignment.matrix, dtype=np.float64).copy(),
+            world=np.asarray(self.alignment.matrix, dtype=np.float64).copy(),
             alignment=None if self.settings.init == "none" else self.alignment,
             fixed_mask=self.fixed_mask,
         )

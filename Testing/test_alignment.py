@@ -6,7 +6,7 @@ import torch
 from conftest import oblique_affine
 from DEQRegistrationLib import Image, register
 from DEQRegistrationLib.alignment import align
-from DEQRegistrationLib.geometry import voxel_to_physical_points
+from DEQRegistrationLib.geometry import voxel_field_to_physical, voxel_to_physical_points
 from DEQRegistrationLib.synthetic import rigid_motion
 
 
@@ -106,8 +106,8 @@ def test_a_diverging_stage_is_undone_and_reported_never_nan(monkeypatch):
     with pytest.warns(UserWarning, match="diverged"):
         res = register(fixed, moving, max_steps=4, device="cpu")
     assert res.alignment.message == "the rigid alignment stage diverged (non-finite result); kept the identity"
-    assert np.all(np.isfinite(res.affine)) and np.all(np.isfinite(res.displacement))
-    np.testing.assert_array_equal(res.affine, np.eye(4))
+    assert np.all(np.isfinite(res.world)) and np.all(np.isfinite(res.displacement))
+    np.testing.assert_array_equal(res.world, np.eye(4))
 
 
 def test_an_alignment_that_makes_things_worse_keeps_the_identity():
@@ -140,8 +140,9 @@ def test_progress_names_the_stage_and_cancel_during_the_alignment_keeps_its_tran
     assert [s for s, _, _ in seen] == ["alignment"] * 3 and res.cancelled
     assert [row["stage"] for row in res.trace] == ["alignment"] * 3
     # the result is the transform the callback saw last, as one field, and its linear part
-    np.testing.assert_allclose(res.displacement, seen[-1][2], atol=1e-4)
-    assert not np.allclose(res.affine, np.eye(4))
+    np.testing.assert_allclose(res.total_displacement(), seen[-1][2], atol=1e-4)
+    assert np.abs(res.displacement).max() == 0  # no deformation yet
+    assert not np.allclose(res.world, np.eye(4))
 
     stages = []
     full = register(fixed, moving, max_steps=6, device="cpu", callback=lambda p: stages.append(p.stage))
@@ -156,11 +157,11 @@ def test_the_result_is_one_composed_transform():
     moving = Image(render(MSHAPE, AM, motion), AM)
     res = register(fixed, moving, max_steps=12, device="cpu")
     np.testing.assert_allclose(res.warp(moving.data), res.warped.data, atol=1e-5)
-    assert rms_error(res.affine, motion, FSHAPE, AF) < 0.5
+    assert rms_error(res.world, motion, FSHAPE, AF) < 0.5
     # the field's physical displacement at the grid points is the linear part plus a small deformation
-    d = res.displacement_mm()
+    d = voxel_field_to_physical(res.total_displacement(), AF)
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in FSHAPE], indexing="ij"), -1).reshape(-1, 3)
     x = voxel_to_physical_points(idx, AF)
-    linear = (x @ res.affine[:3, :3].T + res.affine[:3, 3]) - x
+    linear = (x @ res.world[:3, :3].T + res.world[:3, 3]) - x
     assert np.median(np.linalg.norm(d.reshape(-1, 3) - linear, axis=1)) < 1.0
-    np.testing.assert_allclose(res.affine_lps(), np.diag([-1, -1, 1, 1]) @ res.affine @ np.diag([-1, -1, 1, 1]))
+    np.testing.assert_allclose(res.world_lps(), np.diag([-1, -1, 1, 1]) @ res.world @ np.diag([-1, -1, 1, 1]))

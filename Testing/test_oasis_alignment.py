@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from DEQRegistrationLib import io, metrics
+from DEQRegistrationLib.apply import load as load_saved
 from DEQRegistrationLib.cli import main
 from DEQRegistrationLib.geometry import voxel_to_physical_points
 from DEQRegistrationLib.image import Image
@@ -76,10 +77,12 @@ def test_rigidly_moved_oasis_scan_registers_as_well_as_the_aligned_one(shared_da
                  "--device", "cpu"]) == 0
     out = json.loads((tmp_path / "moved_out" / "metrics.json").read_text())
 
-    # the written field maps fixed points into the moved scan; the anatomy there sits at motion^-1 in the original
-    lps, aff = io.load_itk_displacement(tmp_path / "moved_out" / "displacement.nii.gz")
-    u = io.itk_displacement_to_voxel(lps, aff)
-    warped = Sampler(fixed.shape, fixed.affine, moving.affine, world=np.linalg.inv(motion)).labels(moving_seg.data, u)
+    # the saved transform (field, then affine.tfm) maps fixed points into the moved scan; the anatomy there
+    # sits at motion^-1 in the original
+    saved = load_saved(tmp_path / "moved_out", fixed)
+    world = np.linalg.inv(motion) @ (np.eye(4) if saved.world is None else saved.world)
+    warped = Sampler(fixed.shape, fixed.affine, moving.affine, world=world).labels(moving_seg.data,
+                                                                                   saved.displacement)
     dice_before = metrics.mean_dice(fixed_seg.data, Sampler.between(fixed, moved).labels(
         move_rigidly(moving_seg, motion, labels=moving_seg.data, margin=8)[1]))
     dice_moved = metrics.mean_dice(fixed_seg.data, warped)

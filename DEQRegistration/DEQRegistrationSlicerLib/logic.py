@@ -198,7 +198,7 @@ class RegistrationLogic:
         used_device = result.device
 
         # Final state: exactly what register() returned.
-        self._showState(result.warped.data, result.displacement, result.jacobian, fixed,
+        self._showState(result.warped.data, result.total_displacement(), result.jacobian, fixed,
                         warpedNode, transformNode, foldingNode)
         outputs = RegistrationOutputs(warpedNode, transformNode, foldingNode, chartNode, traceTable, diceTable,
                                       result=result, initialDice=initialDice, device=str(used_device),
