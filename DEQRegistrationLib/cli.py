@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -27,7 +28,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from .config import INIT_SIMILARITIES, INITS, PRESETS, SIMILARITIES, SOLVER_NAMES, Settings, make_settings
-from .errors import InputError
+from .errors import AlignmentWarning, InputError
 from .image import Image
 from .io import OUTPUT_FORMATS
 from .solvers import RESIDUAL_DEFINITION
@@ -521,7 +522,9 @@ def cmd_register(args, progress: Optional[Callable] = None) -> int:
                                  **{k: getattr(args, k) for k in REGISTER_SETTING_OPTIONS
                                     if getattr(args, k, None) is not None})
     job.output_format, job.inverse = args.format, args.inverse
-    _, metrics = execute(job, out, progress=progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AlignmentWarning)  # reported below, from metrics.json, as one line
+        _, metrics = execute(job, out, progress=progress)
     if (metrics.get("alignment") or {}).get("message"):
         print(f"{PROG}: warning: {metrics['alignment']['message']}", file=sys.stderr)
     if progress is None:

@@ -24,7 +24,7 @@ from . import masks, metrics
 from .alignment import Aligner, Alignment, identity as identity_alignment, planned_steps
 from .checkpoint import load_operator
 from .config import GRADIENT_ANDERSON_MEMORY, GRADIENT_MAX_STEPS, GRADIENT_TOL, ModelConfig, Settings, make_settings
-from .errors import InputError
+from .errors import AlignmentWarning, InputError
 from .geometry import ras_to_lps, voxel_field_to_physical
 from .image import Image
 from .levels import Level, auto_pyramid, plan_levels
@@ -274,10 +274,12 @@ class _Registration:
         self.moving_t = to_tensor(moving.data.astype(np.float32, copy=False), device)
         self.trace: List[dict] = []
         self.t0 = time.perf_counter()
-        if fixed_mask is not None:
-            multiple = max(level.factor for level in self.plan.levels) * self.plan.multiple
-            padded, _ = pad_to_multiple(to_tensor(fixed_mask.astype(np.float32), "cpu"), multiple)
-            masks.check_levels(padded, [level.factor for level in self.plan.levels], "the fixed mask")
+        # each mask on its own grid, before any work (the product is checked again once W is known)
+        multiple = max(level.factor for level in self.plan.levels) * self.plan.multiple
+        for what, mask in (("the fixed mask", fixed_mask), ("the moving mask", moving_mask)):
+            if mask is not None:
+                padded, _ = pad_to_multiple(to_tensor(mask.astype(np.float32), "cpu"), multiple)
+                masks.check_levels(padded, [level.factor for level in self.plan.levels], what)
 
     def _prepare(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], tuple]:
         """Normalised fixed and moving-in-fixed images and the similarity's weight (None: every voxel),
@@ -344,7 +346,7 @@ class _Registration:
                           self.fixed_mask, self.moving_mask, self.device, callback=self._on_alignment_step)
         result = aligner.run()
         if result.message:
-            warnings.warn(result.message)
+            warnings.warn(result.message, AlignmentWarning)
         return result
 
     def run(self) -> RegistrationResult:
