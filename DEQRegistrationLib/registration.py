@@ -139,7 +139,8 @@ class RegistrationResult:
 def make_operator(settings: Settings, ndim: int) -> Tuple[UpdateOperator, Optional[ModelConfig]]:
     """The update operator ``settings`` asks for, and the config of a trained one."""
     if settings.update == "gradient":
-        op = GradientUpdate(step_size=settings.step_size, diffusion_weight=settings.diffusion_weight,
+        op = GradientUpdate(step_size=settings.operator_value("step_size"),
+                            diffusion_weight=settings.operator_value("diffusion_weight"),
                             sigma=settings.sigma, window=settings.window, similarity=settings.similarity)
         return op, None
     model = "default" if settings.model is None else settings.model
