@@ -202,6 +202,15 @@ def load_labels(path, like: Optional[Image] = None, what: str = "label map") -> 
     return out
 
 
+def load_mask(path, what: str = "mask") -> Image:
+    """Read a mask (label map or binary image) on its own grid; ``masks`` decides what is inside."""
+    raw, affine, _ = read_array(path, what)
+    raw = _spatial(raw, path, what)
+    from .masks import binary
+
+    return Image(binary(raw, f"{what} {path}"), np.asarray(affine, dtype=np.float64))
+
+
 # --- writing ------------------------------------------------------------------------
 
 
@@ -646,5 +655,5 @@ __all__ = [
     "load_image", "load_labels", "as_label_array", "save_image", "save_labels",
     "save_itk_displacement", "load_itk_displacement", "read_array", "output_name", "itk_displacement_to_voxel",
     "load_landmarks", "check_landmark_pair", "save_landmarks_csv", "ras_to_lps", "PointsFile", "read_points",
-    "write_points", "save_itk_affine", "load_itk_affine",
+    "write_points", "save_itk_affine", "load_itk_affine", "load_mask",
 ]

@@ -1,10 +1,14 @@
 """register(): the one entry point the CLI, the Slicer module and scripts share.
 
-Pipeline: check inputs -> resample moving into the fixed grid (``Sampler``)
-and normalise -> pad so every level divides exactly -> for each level of the
-plan (``levels``), coarse to fine, solve z = op(z) with the chosen root
-solver, upsampling the field between levels -> final field on the fixed grid
--> warp the *original* moving image once, through both affines.
+Pipeline: check inputs and map the masks onto their images' grids -> the
+linear alignment stage (``alignment``: a world transform W, fixed RAS ->
+moving RAS, itself solved as fixed-point problems) -> resample moving into the
+fixed grid through W (``Sampler``) and normalise -> pad so every level
+divides exactly -> for each level of the plan (``levels``), coarse to fine,
+solve z = op(z) with the chosen root solver, upsampling the field between
+levels -> final field on the fixed grid, composed with W into one
+displacement -> warp the *original* moving image once, through both affines,
+W and the field.
 """
 from __future__ import annotations
 
@@ -16,10 +20,11 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import metrics
+from . import masks, metrics
+from .alignment import Aligner, Alignment, identity as identity_alignment, planned_steps
 from .checkpoint import load_operator
 from .config import GRADIENT_ANDERSON_MEMORY, GRADIENT_MAX_STEPS, GRADIENT_TOL, ModelConfig, Settings, make_settings
-from .errors import InputError
+from .errors import AlignmentWarning, InputError
 from .geometry import ras_to_lps, voxel_field_to_physical
 from .image import Image
 from .levels import Level, auto_pyramid, plan_levels
@@ -53,12 +58,13 @@ class Progress:
     n_levels: int
     residual: float
     seconds: float
+    stage: str = "deformable"  # "alignment" (the linear stage) or "deformable"
     _field: Callable[[], torch.Tensor] = field(repr=False, default=None)
     _sampler: Sampler = field(repr=False, default=None)
     _moving: torch.Tensor = field(repr=False, default=None)
 
     def displacement(self) -> np.ndarray:
-        """The current field, (ndim, *fixed.shape), fixed-grid voxel units."""
+        """The current transform as one field (alignment and deformation), (ndim, *fixed.shape), fixed voxels."""
         return self._field()[0].cpu().numpy()
 
     def warped(self) -> np.ndarray:
@@ -77,6 +83,10 @@ class Progress:
 
 @dataclass
 class RegistrationResult:
+    """The transform found: x (fixed RAS) -> W (x + d(x)), the deformation ``displacement`` d first, then
+    the linear alignment ``world`` W, as ITK composes a displacement field and an affine (``apply``);
+    ``total_displacement()`` is both as one field."""
+
     warped: Image
     displacement: np.ndarray
     fixed_affine: np.ndarray
@@ -93,15 +103,29 @@ class RegistrationResult:
     cancelled: bool = False
     warped_labels: Optional[np.ndarray] = None
     moving_shape: tuple = ()
+    world: np.ndarray = field(default_factory=lambda: np.eye(4))  # the linear part W: fixed RAS -> moving RAS
+    alignment: Optional[Alignment] = None  # how W was found (None: init none)
+    fixed_mask: Optional[np.ndarray] = None  # the fixed mask on the fixed grid (bool), when one was given
+
+    def world_lps(self) -> np.ndarray:
+        """W as ITK stores it (affine.tfm): fixed LPS -> moving LPS."""
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        return flip @ self.world @ flip
 
     def displacement_mm(self, lps: bool = False) -> np.ndarray:
-        """(*S, 3) physical displacement in RAS mm (LPS with lps=True)."""
+        """(*S, 3) physical displacement d in RAS mm (LPS with lps=True); W is not in it."""
         d = voxel_field_to_physical(self.displacement, self.fixed_affine)
         return ras_to_lps(d).astype(np.float32) if lps else d
 
+    def total_displacement(self) -> np.ndarray:
+        """The whole transform (d, then W) as one field, (ndim, *S) fixed voxels, with no world transform:
+        what a single grid transform (Slicer) needs."""
+        with torch.no_grad():
+            return self.sampler.composed_displacement(torch.as_tensor(self.displacement)[None])[0].numpy()
+
     @property
     def sampler(self) -> Sampler:
-        return Sampler(self.displacement.shape[1:], self.fixed_affine, self.moving_affine)
+        return Sampler(self.displacement.shape[1:], self.fixed_affine, self.moving_affine, world=self.world)
 
     def warp(self, data: np.ndarray, order: int = 1) -> np.ndarray:
         """Apply the result to another array on the moving grid: order 1 linear, 0 nearest (labels)."""
@@ -115,7 +139,8 @@ class RegistrationResult:
 def make_operator(settings: Settings, ndim: int) -> Tuple[UpdateOperator, Optional[ModelConfig]]:
     """The update operator ``settings`` asks for, and the config of a trained one."""
     if settings.update == "gradient":
-        op = GradientUpdate(step_size=settings.step_size, diffusion_weight=settings.diffusion_weight,
+        op = GradientUpdate(step_size=settings.operator_value("step_size"),
+                            diffusion_weight=settings.operator_value("diffusion_weight"),
                             sigma=settings.sigma, window=settings.window, similarity=settings.similarity)
         return op, None
     model = "default" if settings.model is None else settings.model
@@ -181,6 +206,7 @@ def register(fixed: Image, moving: Image, settings: Optional[Settings] = None, *
              callback: Optional[Callable[[Progress], Optional[bool]]] = None,
              moving_labels: Optional[np.ndarray] = None,
              on_fallback: Optional[Callable[[str], None]] = None,
+             fixed_mask=None, moving_mask=None,
              **overrides) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; see docs/API.md for every setting and field.
 
@@ -191,16 +217,26 @@ def register(fixed: Image, moving: Image, settings: Optional[Settings] = None, *
     memory and ``settings.cpu_fallback`` is on, the whole registration reruns
     on the CPU: ``on_fallback(message)`` is called first (the callback then
     sees step 1 again).
+
+    ``fixed_mask`` / ``moving_mask``: the voxels the similarity may use, each a
+    label map or binary array on its image's grid or an ``Image`` on its own
+    grid (``masks``). The fixed mask weights the fixed grid; the moving mask is
+    carried into it through the linear alignment.
     """
     settings = make_settings(settings, **overrides)
     check_pair(fixed, moving)
     if moving_labels is not None and np.shape(moving_labels) != moving.shape:
         raise InputError(f"moving label map shape {np.shape(moving_labels)} does not match the moving image "
                          f"{moving.shape}")
+    fixed_mask = masks.on_grid(fixed_mask, fixed, "fixed mask")
+    moving_mask = masks.on_grid(moving_mask, moving, "moving mask")
+    if (fixed_mask is not None or moving_mask is not None) and settings.update != "gradient":
+        raise InputError(f"masks weight the gradient update's similarity; the {settings.update} update's "
+                         "network has no mask input (use --model none, or no mask)")
     device = resolve_device(settings.device)
 
     def run(dev):
-        return _Registration(fixed, moving, settings, dev, callback, moving_labels).run()
+        return _Registration(fixed, moving, settings, dev, callback, moving_labels, fixed_mask, moving_mask).run()
 
     return run_with_cpu_fallback(run, device, settings.cpu_fallback, on_fallback)
 
@@ -226,53 +262,112 @@ class _Registration:
     """One run of the pipeline on one device; ``run()`` returns the result."""
 
     def __init__(self, fixed: Image, moving: Image, settings: Settings, device: torch.device,
-                 callback, moving_labels):
+                 callback, moving_labels, fixed_mask=None, moving_mask=None):
         self.fixed, self.moving, self.settings, self.device = fixed, moving, settings, device
         self.callback, self.moving_labels = callback, moving_labels
+        self.fixed_mask, self.moving_mask = fixed_mask, moving_mask
         op, config = make_operator(settings, fixed.ndim)
         self.op = op.to(device)
         self.plan = make_plan(settings, op, config, fixed.shape)
-        self.sampler = Sampler.between(fixed, moving)
+        self.align_steps = planned_steps(settings.init, fixed.shape)
+        self.base_sampler = Sampler.between(fixed, moving)  # no linear part: composed fields go through it
+        self.sampler = self.base_sampler                    # through W once the alignment has run
         self.moving_t = to_tensor(moving.data.astype(np.float32, copy=False), device)
         self.trace: List[dict] = []
         self.t0 = time.perf_counter()
+        # each mask on its own grid, before any work (the product is checked again once W is known)
+        multiple = max(level.factor for level in self.plan.levels) * self.plan.multiple
+        for what, mask in (("the fixed mask", fixed_mask), ("the moving mask", moving_mask)):
+            if mask is not None:
+                padded, _ = pad_to_multiple(to_tensor(mask.astype(np.float32), "cpu"), multiple)
+                masks.check_levels(padded, [level.factor for level in self.plan.levels], what)
 
-    def _prepare(self) -> Tuple[torch.Tensor, torch.Tensor, tuple]:
-        """Normalised fixed and moving-in-fixed images, padded so every level divides; the crop undoing it."""
+    def _prepare(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], tuple]:
+        """Normalised fixed and moving-in-fixed images and the similarity's weight (None: every voxel),
+        padded so every level divides; the crop undoing it.
+
+        The weight is the fixed mask times the moving mask carried into the fixed grid through W (not
+        through the field, so the weight is fixed while the solver runs); padding has weight 0.
+        """
         with torch.no_grad():
             fixed_n = normalize_intensity(to_tensor(self.fixed.data.astype(np.float32, copy=False), self.device))
             moving_n = normalize_intensity(self.sampler.image(self.moving_t))
             multiple = max(level.factor for level in self.plan.levels) * self.plan.multiple
             fixed_p, crop = pad_to_multiple(fixed_n, multiple)
             moving_p, _ = pad_to_multiple(moving_n, multiple)
-        return fixed_p, moving_p, crop
+            weight = None
+            if self.fixed_mask is not None:
+                weight = to_tensor(self.fixed_mask.astype(np.float32), self.device)
+            if self.moving_mask is not None:
+                carried = torch.as_tensor(self.sampler.labels(self.moving_mask.astype(np.uint8)) > 0,
+                                          dtype=torch.float32, device=self.device)[None, None]
+                weight = carried if weight is None else weight * carried
+            weight_p = None
+            if weight is not None:
+                weight_p, _ = pad_to_multiple(weight, multiple)  # zero padding: outside counts for nothing
+                masks.check_levels(weight_p, [level.factor for level in self.plan.levels],
+                                   "the masks (fixed mask and moving mask carried into the fixed grid)")
+        return fixed_p, moving_p, weight_p, crop
 
     def _full(self, z: torch.Tensor, factor: int) -> torch.Tensor:
         """A working-grid field as a field on the whole fixed grid."""
         return upsample_field(z, factor)[self.crop]
 
-    def _on_step(self, level_index: int, factor: int, residual: float, z: torch.Tensor) -> bool:
+    def _report(self, stage: str, level_index: int, n_levels: int, residual: float, full_field) -> bool:
+        """Record one step of either stage and show it to the callback; True: stop."""
         step = len(self.trace) + 1
         seconds = time.perf_counter() - self.t0
-        self.trace.append(dict(step=step, level=level_index, residual=residual, seconds=seconds))
+        self.trace.append(dict(step=step, stage=stage, level=level_index, residual=residual, seconds=seconds))
         if self.callback is None:
             return False
-        progress = Progress(step, self.plan.max_steps, level_index, len(self.plan.levels), residual, seconds,
-                            _field=lambda: self._full(z, factor), _sampler=self.sampler, _moving=self.moving_t)
+        # the deformable stage's budget after the alignment's planned (then actual) steps
+        done = sum(row["stage"] == "alignment" for row in self.trace)
+        total = (self.align_steps if stage == "alignment" else done) + self.plan.max_steps
+        progress = Progress(step, total, level_index, n_levels, residual, seconds,
+                            stage, _field=full_field, _sampler=self.base_sampler, _moving=self.moving_t)
         return bool(self.callback(progress))
+
+    def _on_step(self, level_index: int, factor: int, residual: float, z: torch.Tensor) -> bool:
+        return self._report("deformable", level_index, len(self.plan.levels), residual,
+                            lambda: self.sampler.composed_displacement(self._full(z, factor)))
+
+    def _on_alignment_step(self, kind: str, level_index: int, n_levels: int, residual: float, W: np.ndarray) -> bool:
+        sampler = Sampler.between(self.fixed, self.moving, W)
+
+        def full_field():
+            with torch.no_grad():
+                return sampler.composed_displacement().to(self.device)
+
+        return self._report("alignment", level_index, n_levels, residual, full_field)
+
+    def _align(self) -> Alignment:
+        if self.settings.init == "none":
+            return identity_alignment()
+        aligner = Aligner(self.fixed, self.moving, self.settings.init, self.settings.alignment_similarity,
+                          self.fixed_mask, self.moving_mask, self.device, callback=self._on_alignment_step)
+        result = aligner.run()
+        if result.message:
+            warnings.warn(result.message, AlignmentWarning)
+        return result
 
     def run(self) -> RegistrationResult:
         ndim = self.fixed.ndim
-        fixed_p, moving_p, self.crop = self._prepare()
+        self.alignment = self._align()
+        self.sampler = Sampler.between(self.fixed, self.moving, self.alignment.matrix)
+        fixed_p, moving_p, weight_p, self.crop = self._prepare()
+        if self.alignment.stopped:  # cancelled during the alignment: the transform reached, no deformation
+            return self._result(torch.zeros(1, ndim, *self.fixed.shape, device=self.device), False, True)
         z, prev, converged, stopped = None, None, False, False
         spare = 0  # steps a level left unused (it converged early) go to the next one: the total stays the budget
         for index, level in enumerate(self.plan.levels):
             with torch.no_grad():
                 fl = downsample_image(fixed_p, level.factor)
                 ml = downsample_image(moving_p, level.factor)
+                wl = None if weight_p is None else downsample_image(weight_p, level.factor)
+                op = self.op if wl is None else (lambda zz, f_, m_, op=self.op, wl=wl: op(zz, f_, m_, weight=wl))
                 z = (torch.zeros(1, ndim, *fl.shape[2:], device=self.device) if z is None
                      else upsample_field(z, prev // level.factor))
-                res = solve(lambda zz: self.op(zz, fl, ml), z, self.plan.solver, max_steps=level.steps + spare,
+                res = solve(lambda zz: op(zz, fl, ml), z, self.plan.solver, max_steps=level.steps + spare,
                             tol=self.plan.tol, **self.plan.solver_options,
                             callback=lambda _, r, zc, i=index, f=level.factor: self._on_step(i, f, r, zc))
             spare += level.steps - res.steps
@@ -290,6 +385,7 @@ class _Registration:
         warped_labels = None
         if self.moving_labels is not None:
             warped_labels = self.sampler.labels(np.asarray(self.moving_labels), disp_np)
+        deformable = [row for row in self.trace if row["stage"] == "deformable"]
         return RegistrationResult(
             warped=Image(warped.astype(np.float32), self.fixed.affine.copy()),
             displacement=disp_np,
@@ -299,7 +395,7 @@ class _Registration:
             trace=self.trace,
             steps=len(self.trace),
             converged=bool(converged),
-            final_residual=float(self.trace[-1]["residual"]) if self.trace else float("nan"),
+            final_residual=float(deformable[-1]["residual"]) if deformable else float("nan"),
             seconds=time.perf_counter() - self.t0,
             device=str(self.device),
             settings=self.settings,
@@ -307,4 +403,7 @@ class _Registration:
             cancelled=stopped,
             warped_labels=warped_labels,
             moving_shape=tuple(self.moving.shape),
+            world=np.asarray(self.alignment.matrix, dtype=np.float64).copy(),
+            alignment=None if self.settings.init == "none" else self.alignment,
+            fixed_mask=self.fixed_mask,
         )

@@ -70,6 +70,49 @@ class Sampler:
         nd = self.ndim
         return torch.einsum("ab,nb...->na...", A[:nd, :nd], p) + A[:nd, nd].view(1, nd, *([1] * nd))
 
+    def coords_through(self, world: torch.Tensor, points: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Moving voxel coordinates of fixed voxels through a linear world transform (no field).
+
+        ``world`` is a 4x4 torch tensor (fixed RAS -> moving RAS) that may carry
+        gradients: the linear alignment stage differentiates its similarity
+        through it (``self.world`` is not used). Every fixed voxel: (1, ndim, *S);
+        ``points`` (N, ndim) fixed voxel coordinates: (1, ndim, N, 1[, 1]), a shape
+        ``transforms.sample`` takes.
+        """
+        dtype, device = world.dtype, world.device
+        inv_m = torch.as_tensor(np.linalg.inv(self.moving_affine), dtype=dtype, device=device)
+        fa = torch.as_tensor(self.fixed_affine, dtype=dtype, device=device)
+        keep = list(range(self.ndim)) + [3]
+        A = (inv_m @ world @ fa)[keep][:, keep]
+        nd = self.ndim
+        if points is None:
+            grid = identity_grid(self.fixed_shape, device, dtype)
+        else:
+            grid = points.to(device=device, dtype=dtype).T.reshape(1, nd, -1, *([1] * (nd - 1)))
+        return torch.einsum("ab,nb...->na...", A[:nd, :nd], grid) + A[:nd, nd].view(1, nd, *([1] * nd))
+
+    def composed_displacement(self, disp: Optional[torch.Tensor] = None, dtype=torch.float32) -> torch.Tensor:
+        """The field u_c, fixed voxel units, that maps like ``world`` and ``disp`` together with no world.
+
+        F (p + u_c(p)) = W F (p + u(p)), so ``Sampler(shape, F, M)`` with u_c
+        samples exactly what this sampler samples with ``disp``: one field file
+        then holds the linear alignment and the deformation. ``disp`` is
+        (B, ndim, *S) torch (None: the linear part alone, as a field of ``dtype``).
+        """
+        full = np.linalg.inv(self.fixed_affine) @ self.world @ self.fixed_affine
+        keep = list(range(self.ndim)) + [3]
+        K = full[np.ix_(keep, keep)]
+        dtype = disp.dtype if disp is not None else dtype
+        device = disp.device if disp is not None else None
+        grid = identity_grid(self.fixed_shape, device, dtype)
+        p = grid if disp is None else grid + disp
+        nd = self.ndim
+        A = torch.as_tensor(K, dtype=torch.float64, device=grid.device)
+        # (K - I) p + k: in float64 so a tiny rotation of a large grid keeps its precision
+        lin = (A[:nd, :nd] - torch.eye(nd, dtype=torch.float64, device=grid.device)).to(dtype)
+        out = torch.einsum("ab,nb...->na...", lin, p) + A[:nd, nd].to(dtype).view(1, nd, *([1] * nd))
+        return out if disp is None else out + disp
+
     # --- sampling ----------------------------------------------------------------------
 
     def resample(self, data: Array, disp: Optional[Array] = None, order: int = 1, padding: str = "zeros",

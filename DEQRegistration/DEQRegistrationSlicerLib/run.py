@@ -128,16 +128,10 @@ class _Done:
 
 
 def total_displacement_mm(result) -> np.ndarray:
-    """The result's whole transform as one RAS-mm field on the fixed grid: what the one grid transform holds.
-
-    A library with a linear alignment stage keeps it apart from the deformation
-    (``total_displacement()`` composes both); without one, the deformation is
-    the whole transform.
-    """
+    """The result's whole transform (deformation, then the linear alignment W) as one RAS-mm field on
+    the fixed grid: what the one grid transform node holds."""
     from DEQRegistrationLib.geometry import voxel_field_to_physical
-    total = getattr(result, "total_displacement", None)
-    field = total() if callable(total) else result.displacement
-    return voxel_field_to_physical(field, result.fixed_affine)
+    return voxel_field_to_physical(result.total_displacement(), result.fixed_affine)
 
 
 def format_seconds(s: float) -> str:
