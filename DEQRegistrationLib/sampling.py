@@ -25,7 +25,8 @@ from .transforms import identity_grid, sample
 
 Array = Union[np.ndarray, torch.Tensor]
 #: coordinates computed at once, at most (a slab of the fixed grid otherwise): bounds memory on big volumes
-DEFAULT_CHUNK_VOXELS = 1 << 24
+#: (a slab costs about 50 bytes a voxel in coordinates and grids; the result does not depend on it)
+DEFAULT_CHUNK_VOXELS = 1 << 21
 
 
 class Sampler:
@@ -111,14 +112,20 @@ class Sampler:
         per_row = int(np.prod(self.fixed_shape[1:])) if self.ndim > 1 else 1
         step = max(1, int(chunk_voxels) // max(per_row, 1))
         n0 = self.fixed_shape[0]
-        parts = []
+        out = None  # slabs are written into the output as they come (no list of parts, no concatenation)
         for start in range(0, n0, step):
             rows = slice(start, min(n0, start + step))
             c = self.coords(d, rows, device=x.device, dtype=x.dtype)
             if c.shape[0] != x.shape[0]:
                 c = c.expand(x.shape[0], *c.shape[1:])
-            parts.append(sample(x, c, mode=mode, padding_mode=padding))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+            part = sample(x, c, mode=mode, padding_mode=padding)
+            del c
+            if step >= n0:
+                out = part
+                break
+            if out is None:
+                out = part.new_empty(part.shape[:2] + self.fixed_shape)
+            out[:, :, rows] = part
         if not as_numpy:
             return out
         out = out[0, 0].cpu().numpy()
