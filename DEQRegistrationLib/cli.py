@@ -244,21 +244,17 @@ def run_register(job: Job, progress: Optional[Callable] = None):
     """register() with the job's settings and labels; returns the RegistrationResult."""
     from .registration import register  # imported when first needed: torch is heavy
 
-    return register(job.fixed, job.moving, job.settings, callback=progress, moving_labels=job.moving_seg)
+    # field_only: execute() derives warped image, labels and Jacobian from the field as saved
+    return register(job.fixed, job.moving, job.settings, callback=progress, moving_labels=job.moving_seg,
+                    field_only=True)
 
 
 def compute_metrics(job: Job, result) -> Dict:
     """The numbers of metrics.json; conventions as in ``metrics`` (Dice over labels in both maps, no 0)."""
     from . import metrics as M
+    from .chunked import jacobian_summary
 
-    jac = np.asarray(result.jacobian)
-    out = {
-        "folding_percent": M.folding_percent(jac),
-        "std_log_jacobian": M.std_log_jacobian(jac),
-        "std_log_jacobian_l2r": M.std_log_jacobian_l2r(jac),
-        "jacobian_min": float(jac.min()),
-        "jacobian_max": float(jac.max()),
-    }
+    out = jacobian_summary(np.asarray(result.jacobian))  # folding, SDlogJ, min, max (slabs on large grids)
     out.update(dice_before=None, dice_mean=None, dice_per_label=None, dice_before_per_label=None,
                hd95=None, hd95_before=None, tre_mm=None, tre_before_mm=None)
     if job.fixed_seg is not None:
@@ -425,6 +421,7 @@ def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional
     ``progress(p)``, when given, replaces the progress bar (``deqreg batch`` draws its own).
     """
     from .apply import saved_result
+    from .memory import SPILL_MIN_VOXELS, FieldSpill, grid_only
 
     bar = ProgressBar(desc) if progress is None else None
     try:
@@ -432,8 +429,21 @@ def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional
     finally:
         if bar is not None:
             bar.close()
-    # Outputs and metrics come from the field as saved, so 'deqreg apply' reproduces them.
-    result, transform = saved_result(result, job.moving, job.moving_seg)
+    # Outputs and metrics come from the field as saved, so 'deqreg apply' reproduces them. Input voxels
+    # are released as soon as they are used: from here on the outputs need only the grids (``memory``).
+    job.fixed = grid_only(job.fixed)
+    spill = FieldSpill(out, job.output_format) if result.displacement[0].size >= SPILL_MIN_VOXELS else None
+    try:
+        result, transform = saved_result(result, job.moving, job.moving_seg, reuse_field=True, on_field=spill)
+        job.moving = grid_only(job.moving)
+        return _finish(job, out, result, transform, spill, extra_metrics, extra_files)
+    finally:
+        if spill is not None:
+            spill.cleanup()
+
+
+def _finish(job, out, result, transform, spill, extra_metrics, extra_files):
+    """execute() after the field is saved: inverse, metrics, every file."""
     inverse = None
     if job.inverse:
         transform, inverse = transform.with_inverse()
@@ -445,6 +455,8 @@ def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional
         metrics.update(extra_metrics(result))
 
     def fill(tmp):
+        if spill is not None:  # the forward field, written early to bound memory (``memory.FieldSpill``)
+            spill.move_into(tmp, transform)
         write_outputs(tmp, job, result, metrics, transform, inverse)
         if extra_files is not None:
             extra_files(tmp, result, metrics)
