@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="file format of the output images and fields (default: nii, i.e. .nii.gz)")
     reg.add_argument("--inverse", action="store_true",
                      help="also write the inverse transform (moving -> fixed space), solved as a fixed point")
+    reg.add_argument("--memory-check", choices=("error", "warn", "off"), default="error",
+                     help="before registering, compare the estimated peak memory with the memory available: "
+                          "'error' stops (with what would make it fit) when it does not fit, 'warn' only warns "
+                          "(default: error)")
 
     ap = sub.add_parser("apply", help="apply a saved registration to an image, a label map or points",
                         description="Apply the transform saved by 'deqreg register' to INPUT. Forward: a "
@@ -486,6 +490,10 @@ def cmd_register(args, progress: Optional[Callable] = None) -> int:
     job.settings = make_settings(update=update, model=model, solver=args.solver, max_steps=args.max_steps,
                                  tol=args.tol, device=args.device)
     job.output_format, job.inverse = args.format, args.inverse
+    from .memory import check as memory_check
+
+    memory_check(job.fixed, job.moving, update, labels=job.fixed_seg is not None, model=model,
+                 mode=getattr(args, "memory_check", "error"), warn=lambda m: print(f"{PROG}: {m}", file=sys.stderr))
     _, metrics = execute(job, out, progress=progress)
     if progress is None:
         print(f"{PROG}: wrote {out} ({summary_line(metrics)})")

@@ -75,3 +75,137 @@ class FieldSpill:
         import shutil
 
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# --- preflight ------------------------------------------------------------------------------
+
+#: the interpreter, torch, numpy, nibabel: resident before any voxel (measured: 0.25-0.45 GB)
+BASE_BYTES = 450 * 2**20
+#: solve memory per voxel of the finest working grid (operator temporaries, Anderson's history, pooled
+#: levels); the learned U-Net keeps 16-32 channels of activations per voxel
+WORK_BYTES_PER_VOXEL = {"gradient": 700, "learned": 1500, "hybrid": 2200}
+#: after the solve, per fixed-grid voxel: the field as voxels (12) and as LPS mm (12, written at once
+#: on large grids), the warped moving image (4), the Jacobian (4), the folding mask and slab temporaries
+OUTPUT_BYTES_PER_VOXEL = 30
+#: a warning above this share of the available memory; an error above all of it
+WARN_SHARE = 0.8
+
+
+@dataclass
+class Estimate:
+    need: int        # bytes, peak
+    available: int   # bytes, now
+    parts: dict      # bytes per part
+
+    def gb(self, n) -> str:
+        return f"{n / 2**30:.1f} GB"
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {self.gb(v)}" for k, v in self.parts.items())
+        return f"about {self.gb(self.need)} ({parts}) of {self.gb(self.available)} available"
+
+
+def available_bytes() -> int:
+    """MemAvailable, lowered to the cgroup's limit headroom when the process runs in a limited cgroup."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 1 << 62
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as fh:
+                used = int(fh.read().strip())
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return int(avail)
+
+
+def estimate(fixed_shape, moving_shape, update: str = "gradient", working_voxels: Optional[int] = None,
+             labels: bool = False, resident: int = 0) -> Estimate:
+    """Peak memory of ``deqreg register`` on a pair of this size (see the constants), minus what is already
+    ``resident`` (the loaded inputs), against what is available now."""
+    nf, nm = int(np.prod(fixed_shape)), int(np.prod(moving_shape))
+    working = nf if working_voxels is None else int(working_voxels)
+    inputs = 4 * (nf + nm) + (8 * (nf + nm) if labels else 0)
+    solve = inputs + WORK_BYTES_PER_VOXEL.get(update, WORK_BYTES_PER_VOXEL["learned"]) * working + 12 * nf
+    outputs = 4 * nm + OUTPUT_BYTES_PER_VOXEL * nf + (12 * nf if labels else 0)
+    need = BASE_BYTES + max(solve, outputs)
+    parts = {"inputs": inputs, "solve": solve - inputs, "outputs": outputs}
+    return Estimate(need=need, available=available_bytes() + int(resident), parts=parts)
+
+
+def working_voxels(fixed: Image, update: str, pyramid=None) -> int:
+    """Voxels of the finest working grid: the gradient mode's physical plan, a caller's pyramid, else full."""
+    from .levels import auto_pyramid
+
+    if pyramid is not None:
+        factor = min(int(f) for f in pyramid)
+    elif update == "gradient":
+        factor = min(auto_pyramid(fixed.shape, fixed.spacing))
+    else:
+        factor = 1  # a model's own pyramid is read when it loads; assume the worst
+    return int(np.prod([-(-n // factor) for n in fixed.shape]))
+
+
+def check(fixed: Image, moving: Image, update: str, labels: bool = False, pyramid=None, mode: str = "error",
+          warn=None, model=None) -> Optional[Estimate]:
+    """The preflight: raise ``InputError`` (mode 'error') or warn when the estimate exceeds what is available.
+
+    The message gives need vs available and what makes it fit: the gradient
+    mode (``--model none``) when a model's solve is the problem, otherwise a
+    fixed grid with coarser voxels, sized so the estimate fits.
+    """
+    from .errors import InputError
+
+    if mode == "off":
+        return None
+    if pyramid is None and model is not None and update != "gradient":
+        pyramid = _model_pyramid(model, fixed.ndim)
+    resident = fixed.data.nbytes + moving.data.nbytes  # loaded already: counted in both need and available
+    est = estimate(fixed.shape, moving.shape, update, working_voxels(fixed, update, pyramid), labels, resident)
+    if est.need <= WARN_SHARE * est.available:
+        return est
+    hint = _hint(fixed, moving, update, labels, est)
+    text = (f"this registration needs {est.describe()} for a {'x'.join(map(str, fixed.shape))} fixed grid; {hint}")
+    if est.need > est.available and mode == "error":
+        raise InputError(text + " (--memory-check warn runs it anyway)")
+    if warn is not None:
+        warn(("warning: " if est.need <= est.available else "warning: likely to run out of memory: ") + text)
+    return est
+
+
+def _model_pyramid(model, ndim: int):
+    from .checkpoint import model_path, read_checkpoint
+
+    try:
+        return list(read_checkpoint(model_path(model, ndim))["config"].pyramid)
+    except Exception:  # the registration itself reports a bad model; the estimate assumes full resolution
+        return None
+
+
+def _hint(fixed: Image, moving: Image, update: str, labels: bool, est: Estimate) -> str:
+    if update != "gradient":
+        g = estimate(fixed.shape, moving.shape, "gradient", working_voxels(fixed, "gradient"), labels)
+        if g.need <= WARN_SHARE * est.available:
+            return f"with --model none (the gradient mode) it needs about {g.gb(g.need)}"
+    for k in (1.25, 1.5, 2.0, 2.5, 3.0, 4.0):
+        shape = [max(2, int(n / k)) for n in fixed.shape]
+        g = estimate(shape, [max(2, int(n / k)) for n in moving.shape], "gradient",
+                     working_voxels(Image(np.broadcast_to(np.float32(0), shape), fixed.affine), "gradient"), labels)
+        if g.need <= WARN_SHARE * est.available:
+            spacing = ", ".join(f"{s * k:.2g}" for s in fixed.spacing)
+            return (f"it fits (about {g.gb(g.need)}) with both images resampled to {k:g}x coarser voxels "
+                    f"({spacing} mm for the fixed one), or on a machine with more free memory")
+    return "free memory (close other programs) or use a machine with more"
