@@ -26,8 +26,9 @@ import torch
 from .sampling import Sampler
 from .transforms import jacobian_determinant, sample
 
-#: default size of a preview: about a 128^3 grid
-DEFAULT_MAX_VOXELS = 1 << 21
+#: default size of a preview: about a 64^3 grid (on the CT-sized pair a 2^21-voxel lattice cost half a
+#: solver step, one full-resolution slice 0.06 of a step; benchmarks/large.py)
+DEFAULT_MAX_VOXELS = 1 << 18
 
 
 @dataclass

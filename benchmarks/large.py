@@ -12,7 +12,7 @@ Then the live-display cost on the CT pair (a subprocess running
 ``register()`` with a callback): CPU time of one solver step on the finest
 level, of the full refresh the Slicer module does today
 (``progress.displacement()``, ``warped()``, ``jacobian()``) and of
-``progress.preview()`` (a 2-million-voxel lattice; ``preview.py``).
+``progress.preview()`` (its default lattice of at most 2^18 voxels, and one full-resolution slice; ``preview.py``).
 
 The machine may be shared: ratios are within one run, and CPU time is the
 steadier figure. Goals (issue 14): CT peak <= 40 bytes/voxel with every
@@ -153,10 +153,16 @@ def main(argv=None):
     p.add_argument("--shape", default="x".join(map(str, ct_pair.CT_SHAPE)), help="CT grid (default 512x512x300)")
     p.add_argument("--no-live", action="store_true", help="skip the live-display measurement")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--from-json", metavar="FILE", help="print the table of a saved --json run")
     p.add_argument("--live-worker", nargs=2, metavar=("FIXED", "MOVING"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.live_worker:
         print(json.dumps(live_worker(*args.live_worker)))
+        return 0
+    if args.from_json:
+        with open(args.from_json) as fh:
+            doc = json.load(fh)
+        print_table(doc["rows"], doc["ratios"], doc["live"])
         return 0
 
     shape = tuple(int(n) for n in args.shape.split("x"))
@@ -187,6 +193,12 @@ def main(argv=None):
     if args.json:
         print(json.dumps(dict(rows=rows, ratios=ratios, live=live), indent=2))
         return 0
+    print_table(rows, ratios, live)
+    return 0
+
+
+def print_table(rows, ratios, live):
+    oasis, ct = rows
     print("| pair | voxels | register() s | command wall s | command CPU s | peak MB | bytes/voxel | steps | "
           "Dice | folded % | levels (factor: mm) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -211,7 +223,6 @@ def main(argv=None):
               f"{live['preview_cpu']:.3f} ({live['ratio_preview_to_step']:.3f} steps); one displayed slice at full "
               f"resolution {live['slice_preview_cpu']:.3f} ({live['ratio_slice_preview_to_step']:.3f} steps); "
               f"worker peak {live['peak_bytes'] / 2**20:.0f} MB")
-    return 0
 
 
 if __name__ == "__main__":
