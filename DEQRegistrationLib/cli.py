@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="file format of the output images and fields (default: nii, i.e. .nii.gz)")
     reg.add_argument("--inverse", action="store_true",
                      help="also write the inverse transform (moving -> fixed space), solved as a fixed point")
+    reg.add_argument("--memory-check", choices=("error", "warn", "off"), default="error",
+                     help="before registering, compare the estimated peak memory with the memory available: "
+                          "'error' stops (with what would make it fit) when it does not fit, 'warn' only warns "
+                          "(default: error)")
 
     ap = sub.add_parser("apply", help="apply a saved registration to an image, a label map or points",
                         description="Apply the transform saved by 'deqreg register' to INPUT. Forward: a "
@@ -269,22 +273,18 @@ def run_register(job: Job, progress: Optional[Callable] = None):
     """register() with the job's settings and labels; returns the RegistrationResult."""
     from .registration import register  # imported when first needed: torch is heavy
 
+    # field_only: execute() derives warped image, labels and Jacobian from the field as saved
     return register(job.fixed, job.moving, job.settings, callback=progress, moving_labels=job.moving_seg,
-                    fixed_mask=job.fixed_mask, moving_mask=job.moving_mask)
+                    fixed_mask=job.fixed_mask, moving_mask=job.moving_mask, field_only=True)
 
 
 def compute_metrics(job: Job, result) -> Dict:
     """The numbers of metrics.json; conventions as in ``metrics`` (Dice over labels in both maps, no 0)."""
     from . import metrics as M
+    from .chunked import jacobian_summary
 
     jac = np.asarray(result.jacobian)
-    out = {
-        "folding_percent": M.folding_percent(jac),
-        "std_log_jacobian": M.std_log_jacobian(jac),
-        "std_log_jacobian_l2r": M.std_log_jacobian_l2r(jac),
-        "jacobian_min": float(jac.min()),
-        "jacobian_max": float(jac.max()),
-    }
+    out = jacobian_summary(jac)  # folding, SDlogJ, min, max (slabs on large grids)
     if getattr(result, "fixed_mask", None) is not None:
         inside = np.asarray(result.fixed_mask, dtype=bool)
         out.update(folding_percent_mask=M.folding_percent(jac[inside]),
@@ -466,6 +466,7 @@ def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional
     ``progress(p)``, when given, replaces the progress bar (``deqreg batch`` draws its own).
     """
     from .apply import saved_result
+    from .memory import SPILL_MIN_VOXELS, FieldSpill, grid_only
 
     bar = ProgressBar(desc) if progress is None else None
     try:
@@ -473,8 +474,21 @@ def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional
     finally:
         if bar is not None:
             bar.close()
-    # Outputs and metrics come from the field as saved, so 'deqreg apply' reproduces them.
-    result, transform = saved_result(result, job.moving, job.moving_seg)
+    # Outputs and metrics come from the field as saved, so 'deqreg apply' reproduces them. Input voxels
+    # are released as soon as they are used: from here on the outputs need only the grids (``memory``).
+    job.fixed = grid_only(job.fixed)
+    spill = FieldSpill(out, job.output_format) if result.displacement[0].size >= SPILL_MIN_VOXELS else None
+    try:
+        result, transform = saved_result(result, job.moving, job.moving_seg, reuse_field=True, on_field=spill)
+        job.moving = grid_only(job.moving)
+        return _finish(job, out, result, transform, spill, extra_metrics, extra_files)
+    finally:
+        if spill is not None:
+            spill.cleanup()
+
+
+def _finish(job, out, result, transform, spill, extra_metrics, extra_files):
+    """execute() after the field is saved: inverse, metrics, every file."""
     inverse = None
     if job.inverse:
         transform, inverse = transform.with_inverse()
@@ -486,6 +500,8 @@ def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional
         metrics.update(extra_metrics(result))
 
     def fill(tmp):
+        if spill is not None:  # the forward field, written early to bound memory (``memory.FieldSpill``)
+            spill.move_into(tmp, transform)
         write_outputs(tmp, job, result, metrics, transform, inverse)
         if extra_files is not None:
             extra_files(tmp, result, metrics)
@@ -522,6 +538,10 @@ def cmd_register(args, progress: Optional[Callable] = None) -> int:
                                  **{k: getattr(args, k) for k in REGISTER_SETTING_OPTIONS
                                     if getattr(args, k, None) is not None})
     job.output_format, job.inverse = args.format, args.inverse
+    from .memory import check as memory_check
+
+    memory_check(job.fixed, job.moving, update, labels=job.fixed_seg is not None, model=model,
+                 mode=getattr(args, "memory_check", "error"), warn=lambda m: print(f"{PROG}: {m}", file=sys.stderr))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AlignmentWarning)  # reported below, from metrics.json, as one line
         _, metrics = execute(job, out, progress=progress)

@@ -25,7 +25,8 @@ from .transforms import identity_grid, sample
 
 Array = Union[np.ndarray, torch.Tensor]
 #: coordinates computed at once, at most (a slab of the fixed grid otherwise): bounds memory on big volumes
-DEFAULT_CHUNK_VOXELS = 1 << 24
+#: (a slab costs about 50 bytes a voxel in coordinates and grids; the result does not depend on it)
+DEFAULT_CHUNK_VOXELS = 1 << 21
 
 
 class Sampler:
@@ -63,12 +64,15 @@ class Sampler:
             offset = torch.zeros(self.ndim, dtype=dtype, device=grid.device)
             offset[0] = rows.start
             grid = grid + offset.view(1, -1, *([1] * self.ndim))
-        p = grid if disp is None else grid + disp[:, :, rows]
+        return self.map_voxels(grid if disp is None else grid + disp[:, :, rows])
+
+    def map_voxels(self, p: torch.Tensor) -> torch.Tensor:
+        """Moving voxel coordinates of fixed voxel coordinates ``p`` (1, ndim, ...): the one matrix product."""
         if self.identity:
             return p
-        A = torch.as_tensor(self.matrix, dtype=dtype, device=p.device)
+        A = torch.as_tensor(self.matrix, dtype=p.dtype, device=p.device)
         nd = self.ndim
-        return torch.einsum("ab,nb...->na...", A[:nd, :nd], p) + A[:nd, nd].view(1, nd, *([1] * nd))
+        return torch.einsum("ab,nb...->na...", A[:nd, :nd], p) + A[:nd, nd].view(1, nd, *([1] * (p.dim() - 2)))
 
     def coords_through(self, world: torch.Tensor, points: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Moving voxel coordinates of fixed voxels through a linear world transform (no field).
@@ -154,14 +158,20 @@ class Sampler:
         per_row = int(np.prod(self.fixed_shape[1:])) if self.ndim > 1 else 1
         step = max(1, int(chunk_voxels) // max(per_row, 1))
         n0 = self.fixed_shape[0]
-        parts = []
+        out = None  # slabs are written into the output as they come (no list of parts, no concatenation)
         for start in range(0, n0, step):
             rows = slice(start, min(n0, start + step))
             c = self.coords(d, rows, device=x.device, dtype=x.dtype)
             if c.shape[0] != x.shape[0]:
                 c = c.expand(x.shape[0], *c.shape[1:])
-            parts.append(sample(x, c, mode=mode, padding_mode=padding))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+            part = sample(x, c, mode=mode, padding_mode=padding)
+            del c
+            if step >= n0:
+                out = part
+                break
+            if out is None:
+                out = part.new_empty(part.shape[:2] + self.fixed_shape)
+            out[:, :, rows] = part
         if not as_numpy:
             return out
         out = out[0, 0].cpu().numpy()
