@@ -312,7 +312,7 @@ GRADIENT_OPERATOR_SETTINGS = ("step_size", "diffusion_weight", "sigma", "window"
 #: have them": MIND measured on the contrast-changed OASIS pair; LNCC as before; MSE not re-tuned)
 SIMILARITY_OPERATOR_DEFAULTS = {"lncc": dict(step_size=1.0, diffusion_weight=0.5),
                                 "mse": dict(step_size=1.0, diffusion_weight=0.5),
-                                "mind": dict(step_size=1.0, diffusion_weight=0.02)}
+                                "mind": dict(step_size=4.0, diffusion_weight=0.02)}
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 #: the gradient mode's budget and tolerance when the caller gives none
 GRADIENT_MAX_STEPS = 120
