@@ -34,7 +34,7 @@ SIMILARITIES = ("lncc", "mse", "mind")  # similarity.SIMILARITIES (a test keeps 
 INITS = ("none", "center", "rigid", "affine")
 INIT_SIMILARITIES = ("lncc", "ncc", "mse", "mi")
 #: init_similarity when not given: a global measure matching the deformable stage's similarity
-INIT_SIMILARITY_FOR = {"lncc": "ncc", "mse": "mse", "mind": "mi"}
+INIT_SIMILARITY_FOR = {"lncc": "ncc", "mse": "mse", "mind": "ncc"}  # mi only when asked (multimodal preset)
 #: --preset: named bundles of settings for common cases; settings given beside a preset win over it.
 #: Each is measured in README.md ("Scans as users have them"); the Slicer panel offers them first.
 PRESETS = {
