@@ -17,8 +17,8 @@ def test_each_preset_sets_what_it_documents_and_explicit_settings_win():
 
 def test_the_alignment_similarity_follows_the_deformable_one_unless_given():
     assert make_settings().alignment_similarity == "ncc"
-    assert make_settings(similarity="mind").alignment_similarity == "mi"
-    assert make_settings(similarity="mind", init_similarity="ncc").alignment_similarity == "ncc"
+    assert make_settings(similarity="mind").alignment_similarity == "ncc"  # mi drifts on identical pairs
+    assert make_settings(similarity="mind", init_similarity="mi").alignment_similarity == "mi"
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -37,8 +37,25 @@ def test_preview_matches_the_full_refresh():
             seen["slice"] = np.abs(one.warped - p.warped()[10:11]).max()
         return p.step >= 3
 
-    register(f, m, callback=callback, max_steps=5, pyramid=(4, 2))
+    # init none: the preview's field is the deformation, displacement() the whole transform (equal without W)
+    register(f, m, callback=callback, max_steps=5, pyramid=(4, 2), init="none")
     assert max(seen.values()) < 1e-5, seen
+
+
+def test_preview_maps_through_the_alignment_in_both_stages():
+    """With the linear stage on, the preview warps through the current W, during the alignment and after it."""
+    f = Image(blob_volume((40, 36, 32)), oblique_affine())
+    m = Image(blob_volume((40, 36, 32), (3.0, -2.0, 1.0)), oblique_affine())
+    seen = {}
+
+    def callback(p):
+        if p.stage not in seen or p.stage == "deformable":
+            seen[p.stage] = np.abs(p.preview(max_voxels=10 ** 9).warped - p.warped()).max()
+        return False
+
+    res = register(f, m, callback=callback, max_steps=4, pyramid=(4, 2), init="rigid")
+    assert not np.allclose(res.world, np.eye(4)), "the pair needs a translation: W should move"
+    assert set(seen) == {"alignment", "deformable"} and max(seen.values()) < 1e-4, seen
 
 
 def test_memory_preflight_stops_with_the_numbers_and_a_way_out(pair3d, tmp_path, monkeypatch, capsys):
