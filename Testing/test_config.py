@@ -17,7 +17,8 @@ def test_each_preset_sets_what_it_documents_and_explicit_settings_win():
 
 def test_the_alignment_similarity_follows_the_deformable_one_unless_given():
     assert make_settings().alignment_similarity == "ncc"
-    assert make_settings(similarity="mind").alignment_similarity == "mi"
+    assert make_settings(similarity="mind").alignment_similarity == "ncc"  # mi only when asked
+    assert make_settings(preset="multimodal").alignment_similarity == "mi"
     assert make_settings(similarity="mind", init_similarity="ncc").alignment_similarity == "ncc"
 
 
