@@ -109,7 +109,14 @@ def run_ants(paths, threads):
                 converged=None, steps=None, seconds=seconds, cpu_seconds=cpu)
 
 
-def run_library(paths, device):
+def run_deformable_only(paths, device):
+    """register() with ``init="none"``: the deformable stage alone, as ANTs SyNOnly is SyN alone."""
+    row = run_library(paths, device, init="none")
+    row["method"] = "register(init='none') (deformable only)"
+    return row
+
+
+def run_library(paths, device, **settings):
     import nibabel as nib
 
     def load(p):
@@ -118,7 +125,7 @@ def run_library(paths, device):
 
     f, m, fs, ms = (load(p) for p in paths)
     t, c = time.perf_counter(), time.process_time()
-    res = register(f, m, moving_labels=ms.data, device=device)
+    res = register(f, m, moving_labels=ms.data, device=device, **settings)
     seconds, cpu = time.perf_counter() - t, time.process_time() - c
     dice, folding = _dice_and_folding(fs.data, res.warped_labels, ms.data, res.displacement)
     return dict(method="register() (library)", device=device, dice=dice, folding_percent=folding,
@@ -159,7 +166,8 @@ def oasis_comparison(folder, repeats, threads):
     for _ in range(repeats):  # interleaved, so a busy spell of the machine hits every method
         for key, fn in [("ants", lambda: run_ants(paths, threads))] + \
                        [((name, d), (lambda fn=fn, d=d: fn(paths, d))) for d in devices
-                        for name, fn in (("library", run_library), ("command", run_command))]:
+                        for name, fn in (("library", run_library), ("deformable", run_deformable_only),
+                                         ("command", run_command))]:
             row = fn()
             if row is not None:
                 runs.setdefault(key, []).append(row)
