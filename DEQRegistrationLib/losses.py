@@ -61,16 +61,21 @@ def mse_loss(fixed: torch.Tensor, warped: torch.Tensor, reduction: str = "mean")
 
 
 def diffusion_loss(disp: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Diffusion regulariser: squared forward differences of the field, summed over axes.
+    """Diffusion regulariser on squared forward differences of the field.
 
-    With reduction='mean' this is VoxelMorph's ``Grad('l2')`` (mean per axis,
-    summed over axes); with 'sum' it is the total squared gradient.
+    ``reduction='mean'`` is VoxelMorph's ``Grad('l2')``: the mean squared
+    difference along each axis, *averaged* over the axes (VoxelMorph divides
+    the sum of per-axis means by ndim). The paper's lambda values (1 for
+    OASIS, 0.125 for NLST) are in this scale, so training uses it as is.
+    ``'sum'`` is the total squared gradient, summed over axes and voxels (no
+    division by ndim): the classical gradient mode's energy, whose step size
+    and diffusion weight were tuned on that scale.
     """
     ndim = disp.dim() - 2
     total = 0.0
     for axis in range(2, 2 + ndim):
         total = total + _reduce(torch.diff(disp, dim=axis) ** 2, reduction)
-    return total
+    return total if reduction == "sum" else total / ndim
 
 
 def similarity(name: str, fixed: torch.Tensor, warped: torch.Tensor, window: int = 5, reduction: str = "mean"):
