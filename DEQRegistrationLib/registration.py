@@ -169,8 +169,7 @@ def make_plan(settings: Settings, op: UpdateOperator, config: Optional[ModelConf
     if weights is not None and len(weights) != len(pyramid):
         raise InputError(f"level_weights has {len(weights)} entries but the pyramid {pyramid} has {len(pyramid)}")
     levels = plan_levels(pyramid, int(pick("max_steps")), weights)
-    return Plan(solver=pick("solver"), tol=float(pick("tol")), levels=levels,
-                multiple=getattr(getattr(op, "net", None), "multiple", 1))
+    return Plan(solver=pick("solver"), tol=float(pick("tol")), levels=levels, multiple=op.multiple)
 
 
 def register(fixed: Image, moving: Image, settings: Optional[Settings] = None, *,
@@ -244,8 +243,8 @@ class _Registration:
         return fixed_p, moving_p, crop
 
     def _full(self, z: torch.Tensor, factor: int) -> torch.Tensor:
-        """A working-grid field as a field on the whole fixed grid."""
-        return upsample_field(z, factor)[self.crop]
+        """A working-grid state's field (its first ndim channels) as a field on the whole fixed grid."""
+        return upsample_field(z[:, : self.fixed.ndim], factor)[self.crop]
 
     def _on_step(self, level_index: int, factor: int, residual: float, z: torch.Tensor) -> bool:
         step = len(self.trace) + 1
@@ -265,9 +264,11 @@ class _Registration:
             with torch.no_grad():
                 fl = downsample_image(fixed_p, level.factor)
                 ml = downsample_image(moving_p, level.factor)
-                z = (torch.zeros(1, ndim, *fl.shape[2:], device=self.device) if z is None
+                # the state: the field (+ a recurrent model's hidden state); each level runs its own operator
+                z = (torch.zeros(1, self.op.state_channels(ndim), *fl.shape[2:], device=self.device) if z is None
                      else upsample_field(z, prev // level.factor))
-                res = solve(lambda zz: self.op(zz, fl, ml), z, self.plan.solver, max_steps=level.steps,
+                op = self.op.for_level(index)
+                res = solve(lambda zz: op(zz, fl, ml), z, self.plan.solver, max_steps=level.steps,
                             tol=self.plan.tol,
                             callback=lambda _, r, zc, i=index, f=level.factor: self._on_step(i, f, r, zc))
             z, prev, converged = res.z, level.factor, res.converged
