@@ -293,6 +293,12 @@ def _labelled_folder(root, n=4, shape=(32, 40)):
     return root
 
 
+def _subject_labels(folder, i):
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(folder / f"sub-{i}_lab.nii.gz")).dataobj)
+
+
 def test_training_on_labelled_subjects_validates_on_held_out_ones(tmp_path):
     """--subjects / --val-subjects: the label loss is used, a held-out subject is never trained on,
     val.csv has the Dice of register() on pairs with it, best.pt keeps the best."""
@@ -313,7 +319,8 @@ def test_training_on_labelled_subjects_validates_on_held_out_ones(tmp_path):
     assert (out / "best.pt").is_file()
     pairs = train.validation_pairs(args)
     assert len(pairs) == 6  # 4 with 1..3, both directions
-    assert all("sub-4_" in (src.entries[i]["image"] + src.entries[j]["image"]) for src, i, j in pairs)
+    fixed4 = [np.array_equal(p()["fixed_labels"], s4) for p in pairs for s4 in [_subject_labels(folder, 4)]]
+    assert sum(fixed4) == 3  # subject 4 is the fixed image of three pairs (and the moving one of the others)
     args.val_subjects = ["3"]
     with pytest.raises(SystemExit):  # a subject in both sets is refused
         train.validation_pairs(args)

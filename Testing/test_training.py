@@ -252,3 +252,13 @@ def test_evaluate_writes_tables_and_convergence(tmp_path):
                    "--max-steps", "3"])
     assert "TRE" in (tmp_path / "e2" / "table.md").read_text()
     assert "-" != (tmp_path / "e2" / "table.csv").read_text().splitlines()[1].split(",")[12]
+
+
+def test_learn2reg_validation_uses_the_val_split(tmp_path):
+    js = make_learn2reg(tmp_path, paired=False, n=8)
+    args = train.parse_args(["--method", "voxelmorph", "--data", "learn2reg", "--json", str(js), "--n-val", "2",
+                             "--val-every", "1", "--out", str(tmp_path / "r")])
+    loaders = train.validation_pairs(args)
+    val = Learn2RegDataset(js, split="val", n_val=2)
+    assert len(loaders) == len(val.pairs) == 2  # subjects 7 and 8, both directions
+    np.testing.assert_array_equal(loaders[0]()["fixed"], val.pair(0)["fixed"])

@@ -235,7 +235,7 @@ def train(args) -> dict:
             dist.all_reduce(flag)
             stop = bool(flag.item())
         if val_pairs and rank == 0 and (done % args.val_every == 0 or done == args.steps or stop):
-            dice = validate(op, cfg, val_pairs)
+            dice = validate(op, cfg, val_pairs, dev)
             new_best = dice > best
             best = max(best, dice)
             with open(out / "val.csv", "a", newline="") as fh:
@@ -271,9 +271,19 @@ def average_gradients(params, world: int) -> None:
 
 
 def validation_pairs(args) -> list:
-    """Ordered pairs with a held-out subject (``--val-subjects``) as fixed or moving, label maps included."""
+    """Loaders of the validation pairs (each returns a pair dict with label maps).
+
+    ``--data learn2reg``: the Learn2Reg split "val" (subjects held out of
+    "train", see ``data.Learn2RegDataset``). ``--data folder``: every ordered
+    pair with a ``--val-subjects`` subject as fixed or moving.
+    """
+    if "learn2reg" in args.data.split("+"):
+        from .data import Learn2RegDataset
+
+        ds = Learn2RegDataset(args.json, split="val", n_val=args.n_val)
+        return [lambda k=k: ds.pair(k) for k in range(len(ds.pairs))]
     if not args.val_subjects:
-        raise SystemExit("--val-every needs --val-subjects (and --data folder with --label-sub)")
+        raise SystemExit("--val-every needs --val-subjects (--data folder with --label-sub) or --data learn2reg")
     overlap = set(args.val_subjects) & set(args.subjects or ())
     if overlap:
         raise SystemExit(f"subjects {sorted(overlap)} are in both --subjects and --val-subjects")
@@ -281,21 +291,22 @@ def validation_pairs(args) -> list:
                       subjects=list(args.val_subjects) + list(args.subjects or []))
     held = [i for i, e in enumerate(src.entries) if set(args.val_subjects) & set(subject_tokens(e["image"]))]
     n = len(src.entries)
-    return [(src, i, j) for i in range(n) for j in range(n) if i != j and (i in held or j in held)]
+    return [lambda i=i, j=j: src.pair(i, j) for i in range(n) for j in range(n) if i != j and (i in held or j in held)]
 
 
-def validate(op, cfg, pairs) -> float:
+def validate(op, cfg, pairs, device="cpu") -> float:
     """Mean Dice of the validation pairs, each registered through register() as a user would; labels present
     in both the fixed and the moving map (the evaluation's default ``pair`` set)."""
     was_training = op.training
     op.eval()
     op.config = cfg
     scores = []
-    for src, i, j in pairs:
-        s = src.pair(i, j)
+    for load in pairs:
+        s = load()
         fixed = Image(np.asarray(s["fixed"], np.float32), s["fixed_affine"])
         moving = Image(np.asarray(s["moving"], np.float32), s["fixed_affine"])
-        res = register(fixed, moving, update=cfg.update, model=op, device="cpu", moving_labels=s["moving_labels"])
+        res = register(fixed, moving, update=cfg.update, model=op, device=str(device),
+                       moving_labels=s["moving_labels"])
         ids = metrics.common_labels(s["fixed_labels"], s["moving_labels"])
         scores.append(metrics.mean_dice(s["fixed_labels"], res.warped_labels, ids))
     op.train(was_training)
