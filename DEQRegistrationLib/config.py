@@ -74,6 +74,7 @@ class TrainingRecord:
     factor: int = 1                   # the grid the network trained on: the fixed grid pooled by this
     loss_diffusion_weight: float = 1.0  # lambda of the training loss (LNCC + lambda diffusion)
     label_weight: float = 0.0         # weight of the soft-Dice loss on label maps
+    fold_weight: float = 0.0          # weight of the folding penalty mean(relu(-det J))
     lr: float = 1e-4
     data: str = ""
     n_states: int = 4                 # DEQ: supervised intermediate states

@@ -78,6 +78,34 @@ def diffusion_loss(disp: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     return total if reduction == "sum" else total / ndim
 
 
+def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
+    """det(I + grad u) of a voxel-unit field (B, ndim, *S), forward differences: (B, *(S - 1))."""
+    ndim = disp.dim() - 2
+    J = []
+    for a in range(ndim):
+        row = []
+        for b in range(ndim):
+            d = torch.diff(disp[:, a], dim=1 + b)  # axis b shortened by one
+            keep = (slice(None),) + tuple(slice(None) if i == b else slice(0, n - 1)
+                                          for i, n in enumerate(disp.shape[2:]))
+            row.append(d[keep] + (1.0 if a == b else 0.0))
+        J.append(row)
+    if ndim == 2:
+        return J[0][0] * J[1][1] - J[0][1] * J[1][0]
+    return (J[0][0] * (J[1][1] * J[2][2] - J[1][2] * J[2][1])
+            - J[0][1] * (J[1][0] * J[2][2] - J[1][2] * J[2][0])
+            + J[0][2] * (J[1][0] * J[2][1] - J[1][1] * J[2][0]))
+
+
+def folding_loss(disp: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Mean of relu(margin - det J): zero unless the field folds (det J <= margin somewhere).
+
+    Only the folded voxels contribute, so it removes folds without the
+    overall smoothing a larger diffusion weight would add.
+    """
+    return torch.relu(margin - jacobian_determinant(disp)).mean()
+
+
 def similarity(name: str, fixed: torch.Tensor, warped: torch.Tensor, window: int = 5, reduction: str = "mean"):
     """Dispatch on a similarity name ('lncc' or 'mse')."""
     if name == "lncc":

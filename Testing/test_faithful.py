@@ -364,3 +364,23 @@ def test_ants_field_follows_this_librarys_convention():
     inner = (slice(3, -3), slice(3, -3))
     assert np.abs(ours - r["warped"])[inner].max() < 1e-3 * np.abs(r["warped"]).max()
     assert r["warped_labels"].shape == (48, 40) and r["warped_labels"].dtype == s["moving_labels"].dtype
+
+
+def test_folding_penalty_is_zero_on_a_diffeomorphism_and_counts_folds():
+    g = torch.stack(torch.meshgrid(torch.arange(12.0), torch.arange(10.0), indexing="ij"))[None]
+    smooth = 0.3 * g  # det J = 1.3^2 everywhere
+    torch.testing.assert_close(losses.jacobian_determinant(smooth), torch.full((1, 11, 9), 1.69))
+    assert float(losses.folding_loss(smooth)) == 0.0
+    folded = smooth.clone()
+    folded[:, 0, 4:6] = folded[:, 0, 4:6].flip(1) + 3.0  # rows 4 and 5 swap order along axis 0: det < 0 there
+    assert float(losses.folding_loss(folded)) > 0
+    # the training loss carries it with its weight
+    fixed, moving = _pair(size=16)
+    z = torch.zeros(1, 2, 16, 16)
+    z[:, 0, 6:8] = torch.tensor([3.0, -3.0]).view(2, 1)  # row 6 moves down past row 7, which moves up: a fold
+    with_penalty = make_config("voxelmorph", 2, fold_weight=10.0, **TINY)
+    without = make_config("voxelmorph", 2, **TINY)
+    a = TrainStep(build_operator(with_penalty), with_penalty).state_loss(z, fixed, moving)[0]
+    b = TrainStep(build_operator(without), without).state_loss(z, fixed, moving)[0]
+    assert float(losses.folding_loss(z)) > 0
+    torch.testing.assert_close(a - b, 10.0 * losses.folding_loss(z))

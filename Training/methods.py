@@ -163,11 +163,14 @@ class TrainStep(nn.Module):
         return state_weights(n, scheme, self.cfg.training.gamma)
 
     def state_loss(self, z, fixed, moving, fixed_onehot=None, moving_onehot=None) -> Tuple[torch.Tensor, dict]:
-        """LNCC + lam diffusion (+ label_weight soft Dice, the SynthMorph-style supervision) of one state's field."""
+        """LNCC + lam diffusion (+ fold_weight folding penalty) (+ label_weight soft Dice, the
+        SynthMorph-style supervision) of one state's field."""
         field = z[:, : fixed.dim() - 2]
         sim = losses.lncc_loss(fixed, warp(moving, field), self.cfg.window)
         reg = losses.diffusion_loss(field)
         loss = sim + self.lam * reg
+        if self.cfg.training.fold_weight:
+            loss = loss + self.cfg.training.fold_weight * losses.folding_loss(field)
         parts = {"lncc": float(sim.detach()), "diffusion": float(reg.detach()), "dice_loss": ""}
         label_weight = float(self.cfg.training.label_weight)
         if label_weight and fixed_onehot is not None:

@@ -80,6 +80,8 @@ def parse_args(argv=None):
                     help="inference pyramid stored in the model, coarse to fine (e.g. 4 2); default: --factor alone")
     ap.add_argument("--label-weight", type=float, default=0.0,
                     help="weight of a soft Dice loss on label maps when the data has them (synthetic does)")
+    ap.add_argument("--fold-weight", type=float, default=0.0,
+                    help="weight of a folding penalty mean(relu(-det J)) on every supervised state")
     ap.add_argument("--enc", type=int, nargs="+", default=[16, 32, 32])
     ap.add_argument("--dec", type=int, nargs="+", default=[32, 32, 16])
     ap.add_argument("--max-steps", type=int, default=48, help="deqreg: solver budget T (the paper: 48)")
@@ -153,7 +155,7 @@ def train(args) -> dict:
                       repeats=args.repeats, net=args.net, hidden=args.hidden,
                       n_states=args.n_states, phantom_k=args.phantom_k, phantom_damping=args.phantom_damping,
                       update=args.update, diffusion_weight=args.op_diffusion_weight if args.update == "hybrid" else 0.0,
-                      pyramid=args.pyramid, label_weight=args.label_weight,
+                      pyramid=args.pyramid, label_weight=args.label_weight, fold_weight=args.fold_weight,
                       loss_diffusion_weight=lam, lr=args.lr, data=args.data, solver=args.solver,
                       init=str(args.init or ""), subjects=[str(x) for x in args.subjects or []],
                       val_subjects=[str(x) for x in args.val_subjects or []], augment=augment)
