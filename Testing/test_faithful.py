@@ -315,8 +315,14 @@ def test_training_on_labelled_subjects_validates_on_held_out_ones(tmp_path):
     log = (out / "log.csv").read_text().strip().splitlines()
     assert all(r.split(",")[6] != "" for r in log[1:])  # the label loss was computed on every step
     val = [r.split(",") for r in (out / "val.csv").read_text().strip().splitlines()]
-    assert [int(r[0]) for r in val] == [2, 4] and all(0 < float(r[1]) <= 1 for r in val)
+    assert [int(r[0]) for r in val] == [2, 4]
+    assert all(0 < float(r[1]) <= 1 and 0 <= float(r[3]) <= 100 for r in val)
     assert (out / "best.pt").is_file()
+    # a folding limit no validation can meet: nothing is selected
+    args.out, args.steps, args.val_max_folding = str(tmp_path / "strict"), 2, -1.0
+    train.train(args)
+    assert not (tmp_path / "strict" / "best.pt").exists()
+    assert (tmp_path / "strict" / "val.csv").read_text().strip().split(",")[2] == "0"
     pairs = train.validation_pairs(args)
     assert len(pairs) == 6  # 4 with 1..3, both directions
     fixed4 = [np.array_equal(p()["fixed_labels"], s4) for p in pairs for s4 in [_subject_labels(folder, 4)]]

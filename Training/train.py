@@ -6,7 +6,9 @@ atomic checkpoints (``checkpoint.save_checkpoint``) that carry the
 optimiser, every RNG state and the step, so ``--resume`` continues
 bit-for-bit. ``--val-subjects`` holds subjects out: every ``--val-every``
 steps the model registers the validation pairs through ``register()`` (what
-a user gets), ``val.csv`` logs their mean Dice and ``best.pt`` keeps the best.
+a user gets), ``val.csv`` logs step, mean Dice, whether it is the best so far
+and mean % folded voxels, and ``best.pt`` keeps the best (with
+``--val-max-folding``, the best among validations folding at most that).
 
 Under ``torchrun`` each process draws its own pairs and the gradients are
 averaged across processes after each step's backward passes. Not
@@ -63,6 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--val-subjects", nargs="+", default=None,
                     help="--data folder: held-out subjects; validation pairs = every ordered pair with one of them")
     ap.add_argument("--val-every", type=int, default=0, help="validate every N steps (0: never)")
+    ap.add_argument("--val-max-folding", type=float, default=None,
+                    help="best.pt only among validations whose mean %% of folded voxels is at most this")
     ap.add_argument("--n-val", type=int, default=None,
                     help="--data learn2reg: validation subjects held out of training (default 10%%)")
     ap.add_argument("--flip", type=int, nargs="*", default=None, help="augment: axes flipped jointly at random (e.g. 0)")
@@ -237,11 +241,12 @@ def train(args) -> dict:
             dist.all_reduce(flag)
             stop = bool(flag.item())
         if val_pairs and rank == 0 and (done % args.val_every == 0 or done == args.steps or stop):
-            dice = validate(op, cfg, val_pairs, dev)
-            new_best = dice > best
-            best = max(best, dice)
+            dice, folding = validate(op, cfg, val_pairs, dev)
+            eligible = args.val_max_folding is None or folding <= args.val_max_folding
+            new_best = eligible and dice > best
+            best = max(best, dice) if eligible else best
             with open(out / "val.csv", "a", newline="") as fh:
-                csv.writer(fh).writerow([done, f"{dice:.5f}", int(new_best)])
+                csv.writer(fh).writerow([done, f"{dice:.5f}", int(new_best), f"{folding:.4f}"])
             if new_best:
                 save(done, out / "best.pt")
             bar.set_postfix(loss=f"{lv:.4f}", val_dice=f"{dice:.4f}")
@@ -296,13 +301,14 @@ def validation_pairs(args) -> list:
     return [lambda i=i, j=j: src.pair(i, j) for i in range(n) for j in range(n) if i != j and (i in held or j in held)]
 
 
-def validate(op, cfg, pairs, device="cpu") -> float:
-    """Mean Dice of the validation pairs, each registered through register() as a user would; labels present
-    in both the fixed and the moving map (the evaluation's default ``pair`` set)."""
+def validate(op, cfg, pairs, device="cpu"):
+    """(mean Dice, mean % folded voxels) of the validation pairs, each registered through register() as a
+    user would; Dice over the labels present in both the fixed and the moving map (the evaluation's
+    default ``pair`` set)."""
     was_training = op.training
     op.eval()
     op.config = cfg
-    scores = []
+    scores, folds = [], []
     for load in pairs:
         s = load()
         fixed = Image(np.asarray(s["fixed"], np.float32), s["fixed_affine"])
@@ -311,8 +317,9 @@ def validate(op, cfg, pairs, device="cpu") -> float:
                        moving_labels=s["moving_labels"])
         ids = metrics.common_labels(s["fixed_labels"], s["moving_labels"])
         scores.append(metrics.mean_dice(s["fixed_labels"], res.warped_labels, ids))
+        folds.append(metrics.folding_percent(res.jacobian))
     op.train(was_training)
-    return float(np.mean(scores))
+    return float(np.mean(scores)), float(np.mean(folds))
 
 
 def export(src, dst, max_steps: Optional[int] = None, tol: Optional[float] = None) -> None:
