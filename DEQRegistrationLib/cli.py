@@ -1,11 +1,14 @@
-"""Command line: ``deqreg register FIXED MOVING --out DIR``, ``deqreg batch PAIRS.csv --out DIR``, ``deqreg demo``.
+"""Command line: ``deqreg register FIXED MOVING --out DIR``, ``deqreg apply``, ``deqreg batch PAIRS.csv --out DIR``,
+``deqreg demo``.
 
 A thin layer over ``register()``: it reads and checks the files (``io``), runs
 the registration with a progress bar on stderr, computes the evaluation
 metrics and writes every output into a temporary folder beside ``DIR`` that is
 renamed into place only when complete, so an interrupted run leaves nothing
-half-written. Any problem with the user's input ends in one line,
-``deqreg: error: ...``, and exit code 2; never a traceback.
+half-written. ``deqreg apply`` reuses a saved result (``apply``) on another
+image, label map or points file, forward or inverse. Any problem with the
+user's input ends in one line, ``deqreg: error: ...``, and exit code 2; never
+a traceback.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import numpy as np
 from .config import SOLVER_NAMES, Settings, make_settings
 from .errors import InputError
 from .image import Image
+from .io import OUTPUT_FORMATS
 from .solvers import RESIDUAL_DEFINITION
 
 PROG = "deqreg"
@@ -47,11 +51,12 @@ DEFAULT_MODEL = "none"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog=PROG, description="Deformable image registration with Deep Equilibrium Models.")
-    sub = parser.add_subparsers(dest="command", metavar="{register,demo,batch}", parser_class=_OneLineParser)
+    sub = parser.add_subparsers(dest="command", metavar="{register,apply,demo,batch}", parser_class=_OneLineParser)
     sub.required = True
 
     reg = sub.add_parser("register", help="register MOVING onto FIXED and write the results to a folder",
-                         description="Register MOVING onto FIXED (NIfTI .nii/.nii.gz or .mgz, 2D or 3D).")
+                         description="Register MOVING onto FIXED (2D or 3D; NIfTI .nii/.nii.gz, .mgz, NRRD "
+                                     ".nrrd/.nhdr, MetaImage .mha/.mhd or a DICOM series folder).")
     reg.add_argument("fixed", metavar="FIXED", help="fixed (reference) image")
     reg.add_argument("moving", metavar="MOVING", help="moving image, resampled into the fixed grid")
     reg.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
@@ -71,6 +76,32 @@ def build_parser() -> argparse.ArgumentParser:
                      help="total solver steps over all levels")
     reg.add_argument("--tol", type=_positive_float, default=None, metavar="X",
                      help="stop when the relative residual falls below X; residual = " + RESIDUAL_DEFINITION)
+    reg.add_argument("--format", choices=tuple(OUTPUT_FORMATS), default="nii",
+                     help="file format of the output images and fields (default: nii, i.e. .nii.gz)")
+    reg.add_argument("--inverse", action="store_true",
+                     help="also write the inverse transform (moving -> fixed space), solved as a fixed point")
+
+    ap = sub.add_parser("apply", help="apply a saved registration to an image, a label map or points",
+                        description="Apply the transform saved by 'deqreg register' to INPUT. Forward: a "
+                                    "moving-space image or label map is resampled onto the fixed grid "
+                                    "(--reference FIXED); fixed-space points are mapped into the moving space. "
+                                    "--inverse: a fixed-space image onto the moving grid (--reference MOVING); "
+                                    "moving-space points into the fixed space.")
+    ap.add_argument("transform", metavar="TRANSFORM",
+                    help="a 'deqreg register' output folder (or its transform.json), or an ITK displacement field")
+    ap.add_argument("input", metavar="INPUT",
+                    help="image, label map (with --labels) or points (.csv voxel coordinates, .fcsv, .mrk.json)")
+    ap.add_argument("--reference", required=True, metavar="IMAGE",
+                    help="the grid the transform was computed on: the fixed image (the moving image with "
+                         "--inverse); the output grid for images, the grid of .csv voxel points")
+    ap.add_argument("--out", required=True, metavar="FILE",
+                    help="output file: .nii.gz/.nii/.nrrd/.mha for images, the input's format for points")
+    ap.add_argument("--labels", action="store_true", help="INPUT is a label map: nearest neighbour, labels kept")
+    ap.add_argument("--interpolation", choices=("linear", "bspline"), default="linear",
+                    help="for images (default: linear; bspline = cubic B-spline)")
+    ap.add_argument("--inverse", action="store_true",
+                    help="apply the inverse transform (moving -> fixed space); computed if the result has none")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     demo = sub.add_parser("demo", help="offline demo on a real brain template shipped by nilearn, with a plot",
                           description="Offline demo on real anatomy: the MNI ICBM152 2009a T1 template shipped "
@@ -138,6 +169,8 @@ class Job:
     moving_points: Optional[np.ndarray] = None
     settings: Settings = field(default_factory=Settings)
     inputs: Dict = field(default_factory=dict)
+    output_format: str = "nii"   # io.OUTPUT_FORMATS key
+    inverse: bool = False        # also solve and write the inverse transform
 
 
 def resolve_model(model: Optional[str], update: Optional[str], ndim: int):
@@ -234,7 +267,7 @@ def compute_metrics(job: Job, result) -> Dict:
         labels = M.common_labels(job.fixed_seg, job.moving_seg)
         before = Sampler.between(job.fixed, job.moving).labels(job.moving_seg)
         after = np.asarray(result.warped_labels)
-        spacing = job.fixed.spacing
+        surface = M.SurfaceDistance(job.fixed_seg, job.fixed.spacing)  # the fixed side once, for both maps
         d_before = M.dice_per_label(job.fixed_seg, before, labels)
         d_after = M.dice_per_label(job.fixed_seg, after, labels)
         out.update(
@@ -243,8 +276,8 @@ def compute_metrics(job: Job, result) -> Dict:
             dice_mean=_nanmean(d_after.values()),
             dice_per_label={str(k): v for k, v in d_after.items()},
             dice_before_per_label={str(k): v for k, v in d_before.items()},
-            hd95=M.hd95(job.fixed_seg, after, spacing, labels),
-            hd95_before=M.hd95(job.fixed_seg, before, spacing, labels),
+            hd95=surface.hd95(after, labels),
+            hd95_before=surface.hd95(before, labels),
         )
     if job.fixed_points is not None:
         disp = np.asarray(result.displacement)
@@ -266,7 +299,8 @@ def compute_metrics(job: Job, result) -> Dict:
         "std_log_jacobian": "std(log(clip(detJ))) over the interior (2 voxels cropped per side)",
         "std_log_jacobian_l2r": "Learn2Reg code's variant std(log(detJ + 3))",
         "tre_mm": "mean landmark distance in mm in the moving image's physical space",
-        "displacement": "displacement.nii.gz: ITK displacement field, LPS mm, fixed grid",
+        "displacement": "displacement.*: ITK displacement field, LPS mm, fixed grid; transform.json names the "
+                        "files of the saved transform and its direction (deqreg apply reads it)",
     }
     return out
 
@@ -289,19 +323,38 @@ def _json_safe(obj):
     return obj
 
 
-def write_outputs(folder: Path, job: Job, result, metrics: Dict) -> None:
-    """Every output file of a run, into ``folder`` (the temporary one)."""
-    from . import io
+def write_outputs(folder: Path, job: Job, result, metrics: Dict, transform=None, inverse=None) -> None:
+    """Every output file of a run, into ``folder`` (the temporary one).
+
+    ``transform`` is the ``apply.SavedTransform`` of ``result`` (made here if
+    None), ``inverse`` an ``inverse.InverseResult`` to save beside it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import apply, io
 
     fixed = job.fixed
-    warped = result.warped
-    io.save_image(Image(np.asarray(warped.data), fixed.affine), folder / "warped.nii.gz")
-    io.save_itk_displacement(result.displacement_mm(lps=True), fixed.affine, folder / "displacement.nii.gz")
+    fmt = job.output_format
+    if transform is None:
+        _, transform = apply.saved_result(result, job.moving)
     jac = np.asarray(result.jacobian, dtype=np.float32)
-    io.save_image(Image(jac, fixed.affine), folder / "jacobian.nii.gz")
-    io.save_labels((jac <= 0).astype(np.uint8), fixed.affine, folder / "folding_mask.nii.gz")
+    # NIfTI: the float fields are stored uncompressed inside their .gz (level 0: they shrink 8-20 % at
+    # level 1 for most of the writing time); images and labels compress well at level 1. zlib releases
+    # the GIL, so two threads write two files at once (NRRD/MetaImage go through SimpleITK: one thread).
+    writes = [
+        lambda: apply.save(folder, transform, fmt, inverse, compresslevel=0),
+        lambda: io.save_image(Image(np.asarray(result.warped.data), fixed.affine),
+                              folder / io.output_name("warped", fmt), compresslevel=1),
+        lambda: io.save_image(Image(jac, fixed.affine), folder / io.output_name("jacobian", fmt), compresslevel=0),
+        lambda: io.save_labels((jac <= 0).astype(np.uint8), fixed.affine,
+                               folder / io.output_name("folding_mask", fmt), compresslevel=1),
+    ]
     if result.warped_labels is not None:
-        io.save_labels(np.asarray(result.warped_labels), fixed.affine, folder / "warped_seg.nii.gz")
+        writes.append(lambda: io.save_labels(np.asarray(result.warped_labels), fixed.affine,
+                                             folder / io.output_name("warped_seg", fmt), compresslevel=1))
+    with ThreadPoolExecutor(max_workers=2 if fmt == "nii" else 1) as pool:
+        for done in [pool.submit(w) for w in writes]:
+            done.result()
     with open(folder / "convergence.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["step", "level", "residual", "seconds"])
@@ -371,18 +424,28 @@ def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional
     temporary folder, so they too appear only with a complete run.
     ``progress(p)``, when given, replaces the progress bar (``deqreg batch`` draws its own).
     """
+    from .apply import saved_result
+
     bar = ProgressBar(desc) if progress is None else None
     try:
         result = run_register(job, bar or progress)
     finally:
         if bar is not None:
             bar.close()
+    # Outputs and metrics come from the field as saved, so 'deqreg apply' reproduces them.
+    result, transform = saved_result(result, job.moving, job.moving_seg)
+    inverse = None
+    if job.inverse:
+        transform, inverse = transform.with_inverse()
+        print(f"{PROG}: {inverse.message()}", file=sys.stderr)
     metrics = compute_metrics(job, result)
+    if inverse is not None:
+        metrics["inverse"] = inverse.summary()
     if extra_metrics is not None:
         metrics.update(extra_metrics(result))
 
     def fill(tmp):
-        write_outputs(tmp, job, result, metrics)
+        write_outputs(tmp, job, result, metrics, transform, inverse)
         if extra_files is not None:
             extra_files(tmp, result, metrics)
 
@@ -410,6 +473,7 @@ def cmd_register(args, progress: Optional[Callable] = None) -> int:
     model, update = resolve_model(args.model, args.update, job.fixed.ndim)
     job.settings = make_settings(update=update, model=model, solver=args.solver, max_steps=args.max_steps,
                                  tol=args.tol, device=args.device)
+    job.output_format, job.inverse = args.format, args.inverse
     _, metrics = execute(job, out, progress=progress)
     if progress is None:
         print(f"{PROG}: wrote {out} ({summary_line(metrics)})")
@@ -432,6 +496,85 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def check_out_file(out: Path, overwrite: bool, inputs=()) -> Path:
+    """Refuse an existing FILE unless --overwrite, and never one of the inputs."""
+    out = Path(out).expanduser().absolute()
+    for p in inputs:
+        if p and Path(p).exists() and (out == Path(p).absolute() or (out.exists() and out.samefile(p))):
+            raise InputError(f"refusing to write {out}: it is an input")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise InputError(f"output file {out} already exists; use --overwrite to replace it")
+        if out.is_dir():
+            raise InputError(f"{out} is a folder; --out names the output file")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise InputError(f"cannot create {out}: {out.parent} is not a folder")
+    return out
+
+
+def publish_file(out: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``out`` with the same suffix, then rename it to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        tmp = tmp_dir / out.name
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def cmd_apply(args) -> int:
+    from . import apply, io
+
+    points_in = io.is_points_file(args.input)
+    out = check_out_file(Path(args.out), args.overwrite, [args.transform, args.input, args.reference])
+    if points_in and (args.labels or args.interpolation != "linear"):
+        raise InputError("--labels and --interpolation are for images; INPUT is a points file")
+    if args.labels and args.interpolation != "linear":
+        raise InputError("--labels uses nearest neighbour; --interpolation is for intensity images")
+    if points_in:
+        if io.points_kind(out) != io.points_kind(args.input):
+            raise InputError(f"points are written in their input format: --out must be a "
+                             f"{io.points_kind(args.input)} file like {Path(args.input).name}")
+    else:
+        io.check_image_output(out)  # refuses unknown output suffixes before any work
+    reference = io.load_image(args.reference, "reference image")
+    transform = apply.load(args.transform, reference, inverse=args.inverse)
+    direction = "inverse (moving -> fixed)" if args.inverse else "forward (fixed -> moving)"
+
+    if points_in:
+        pf = io.read_points(args.input, "points")
+        values, info = apply.map_points_file(transform, pf, reference, inverse=args.inverse)
+        if info is not None:
+            bad = int(np.count_nonzero(info["mask"] != 0))
+            print(f"{PROG}: inverse at {len(values)} points: {info['steps']} steps, residual "
+                  f"{info['residual']:.2e}, max error {float(info['error_mm'].max()):.3g} mm"
+                  + (f"; {bad} point(s) unreliable (folded, unconverged or outside the fixed grid)" if bad else ""),
+                  file=sys.stderr)
+        publish_file(out, lambda tmp: io.write_points(pf, values, tmp))
+        print(f"{PROG}: wrote {out} ({len(values)} points, {direction})")
+        return 0
+
+    what = "label map" if args.labels else "image"
+    data = io.load_labels(args.input, what=what) if args.labels else io.load_image(args.input, what)
+    if data.ndim != reference.ndim:
+        raise InputError(f"{what} is {data.ndim}D but the reference is {reference.ndim}D")
+    if args.inverse and transform.inverse is None:
+        transform, inv = transform.with_inverse(transform.moving or apply.Grid.of(reference))
+        print(f"{PROG}: {inv.message()}", file=sys.stderr)
+    order = 0 if args.labels else (3 if args.interpolation == "bspline" else 1)
+    warped = transform.warp(data.data, data.affine, order=order, inverse=args.inverse)
+    grid = transform.output_grid(args.inverse)
+    if args.labels:
+        publish_file(out, lambda tmp: io.save_labels(warped, grid.affine, tmp))
+    else:
+        publish_file(out, lambda tmp: io.save_image(Image(warped, grid.affine), tmp))
+    kind = "labels, nearest" if args.labels else args.interpolation
+    print(f"{PROG}: wrote {out} ({what} on the {grid.describe()} grid, {kind}, {direction})")
+    return 0
+
+
 def _fail(message: str, code: int = EXIT_INPUT) -> int:
     text = " ".join(str(message).split())  # one line, whatever the message held
     print(f"{PROG}: error: {text}", file=sys.stderr)
@@ -447,6 +590,8 @@ def main(argv=None) -> int:
             return int(exc.code or 0)
         if args.command == "register":
             return cmd_register(args)
+        if args.command == "apply":
+            return cmd_apply(args)
         if args.command == "batch":
             return cmd_batch(args)
         return cmd_demo(args)

@@ -71,36 +71,86 @@ def mean_dice(fixed_labels, warped_labels, labels=None) -> float:
 # --- surface distance ---------------------------------------------------------------
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+def _surfaces(labels: np.ndarray, spacing: np.ndarray) -> Dict[int, np.ndarray]:
+    """Surface voxels of every label at once, as (N, ndim) coordinates in the units of ``spacing``.
+
+    A voxel is on its label's surface when a face neighbour has another label
+    or lies outside the image (the voxels a 6-/4-connected erosion removes).
+    """
+    boundary = np.zeros(labels.shape, dtype=bool)
+    for axis in range(labels.ndim):
+        n = labels.shape[axis]
+        lo = [slice(None)] * labels.ndim
+        hi = [slice(None)] * labels.ndim
+        lo[axis], hi[axis] = slice(0, n - 1), slice(1, n)
+        differs = labels[tuple(lo)] != labels[tuple(hi)]
+        boundary[tuple(lo)] |= differs
+        boundary[tuple(hi)] |= differs
+        edge = [slice(None)] * labels.ndim
+        edge[axis] = [0, n - 1]
+        boundary[tuple(edge)] = True
+    flat = np.flatnonzero(boundary & (labels > 0))
+    values = labels.ravel()[flat]
+    order = np.argsort(values, kind="stable")
+    flat, values = flat[order], values[order]
+    coords = np.stack(np.unravel_index(flat, labels.shape), 1) * spacing
+    ids, starts = np.unique(values, return_index=True)
+    ends = list(starts[1:]) + [len(values)]
+    return {int(i): coords[s:e] for i, s, e in zip(ids, starts, ends)}
+
+
+class SurfaceDistance:
+    """HD95 of several label maps against one fixed label map; the fixed side is built once.
+
+    Exact Euclidean surface distances (KD-trees of surface voxels, queried on
+    all cores), the same numbers as distance transforms of the surfaces.
+    """
+
+    def __init__(self, fixed_labels, spacing=None):
+        self.fixed = _as_labels(fixed_labels)
+        self.spacing = np.ones(self.fixed.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
+        self._surf = _surfaces(self.fixed, self.spacing)
+        self._trees = {}
+
+    def _tree(self, label: int):
+        from scipy.spatial import cKDTree
+
+        if label not in self._trees:
+            self._trees[label] = cKDTree(self._surf[label])
+        return self._trees[label]
+
+    def hd95_per_label(self, warped_labels, labels=None) -> Dict[int, float]:
+        from scipy.spatial import cKDTree
+
+        b = _as_labels(warped_labels)
+        if b.shape != self.fixed.shape:
+            raise InputError(f"label maps differ in size: {self.fixed.shape} vs {b.shape}")
+        labels = common_labels(self.fixed, b) if labels is None else labels
+        surf_b = _surfaces(b, self.spacing)
+        out = {}
+        for lab in labels:
+            lab = int(lab)
+            if lab not in self._surf or lab not in surf_b:
+                out[lab] = float("nan")
+                continue
+            sa, sb = self._surf[lab], surf_b[lab]
+            da = cKDTree(sb).query(sa, workers=-1)[0]  # fixed surface -> warped surface
+            db = self._tree(lab).query(sb, workers=-1)[0]
+            out[lab] = float(max(np.percentile(da, 95), np.percentile(db, 95)))
+        return out
+
+    def hd95(self, warped_labels, labels=None) -> float:
+        vals = list(self.hd95_per_label(warped_labels, labels).values())
+        return float(np.nanmean(vals)) if vals else float("nan")
 
 
 def hd95_per_label(fixed_labels, warped_labels, spacing=None, labels=None) -> Dict[int, float]:
     """95th-percentile Hausdorff distance per label, in the units of ``spacing`` (mm).
 
-    Each label's distance maps are computed in the bounding box of both masks
-    (plus a margin), which keeps 35 labels on a 160x192x224 grid fast.
+    The larger of the two directed 95th percentiles of surface-to-surface
+    distances (see ``SurfaceDistance``, which also serves several maps).
     """
-    a, b = _as_labels(fixed_labels), _as_labels(warped_labels)
-    spacing = np.ones(a.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
-    labels = common_labels(a, b) if labels is None else labels
-    objects = ndimage.find_objects(np.where(a > 0, a, 0))
-    objects_b = ndimage.find_objects(np.where(b > 0, b, 0))
-    out = {}
-    for lab in labels:
-        lab = int(lab)
-        boxes = [bx[lab - 1] for bx in (objects, objects_b) if lab - 1 < len(bx) and bx[lab - 1] is not None]
-        if len(boxes) < 2:
-            out[lab] = float("nan")
-            continue
-        box = tuple(slice(max(min(s1.start, s2.start) - 2, 0), max(s1.stop, s2.stop) + 2)
-                    for s1, s2 in zip(*boxes))
-        ma, mb = a[box] == lab, b[box] == lab
-        sa, sb = _surface(ma), _surface(mb)
-        da = ndimage.distance_transform_edt(~sb, sampling=spacing)[sa]
-        db = ndimage.distance_transform_edt(~sa, sampling=spacing)[sb]
-        out[lab] = float(max(np.percentile(da, 95), np.percentile(db, 95)))
-    return out
+    return SurfaceDistance(fixed_labels, spacing).hd95_per_label(warped_labels, labels)
 
 
 def hd95(fixed_labels, warped_labels, spacing=None, labels=None) -> float:

@@ -27,44 +27,59 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import losses
+from .similarity import Similarity, get_similarity
 from .transforms import warp
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, *S), per channel; border replicated."""
+    """Separable Gaussian blur of (B, C, *S), per channel; border replicated.
+
+    Taps are applied as shifted multiply-adds on a replicate-padded copy per
+    axis: on a CPU about 4x faster than grouped convolutions, same result.
+    """
     if sigma <= 0:
         return x
     radius = max(1, int(math.ceil(2.5 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
+    taps = [math.exp(-0.5 * (t / sigma) ** 2) for t in range(-radius, radius + 1)]
+    total = sum(taps)
+    taps = [t / total for t in taps]
     ndim = x.dim() - 2
-    C = x.shape[1]
-    conv = F.conv3d if ndim == 3 else F.conv2d
     for axis in range(ndim):
-        shape = [1] * ndim
-        shape[axis] = k.numel()
-        weight = k.view(1, 1, *shape).repeat(C, 1, *([1] * ndim))
+        dim = 2 + axis
+        n = x.shape[dim]
         pad = [0, 0] * ndim
         pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = radius
-        x = conv(F.pad(x, pad, mode="replicate"), weight, groups=C)
+        xp = F.pad(x, pad, mode="replicate")
+        out = xp.narrow(dim, radius, n) * taps[radius]
+        for j in range(1, radius + 1):
+            out.add_(xp.narrow(dim, radius - j, n), alpha=taps[radius - j])
+            out.add_(xp.narrow(dim, radius + j, n), alpha=taps[radius + j])
+        x = out
     return x
 
 
-def similarity_gradient(z, fixed, moving, similarity="lncc", window=5, diffusion_weight=0.0, create_graph=False):
-    """Gradient w.r.t. the field of sum-reduced similarity + diffusion_weight * diffusion.
+def similarity_gradient(z, fixed, moving, similarity="lncc", window=5, diffusion_weight=0.0, create_graph=False,
+                        weight=None):
+    """Gradient w.r.t. the field of the summed similarity + diffusion_weight * summed diffusion.
 
-    Sum reduction keeps the per-voxel gradient independent of image size.
-    Works inside ``torch.no_grad()`` (it turns grad on locally).
+    ``similarity`` is a name or a ``similarity.Similarity``. Analytic (no
+    autograd graph, continuous in z) unless ``create_graph``, which
+    back-propagates through the similarity's value for training. Sum
+    reduction keeps the per-voxel gradient independent of image size.
     """
-    with torch.enable_grad():
-        zz = z if (create_graph and z.requires_grad) else z.detach().requires_grad_(True)
-        warped = warp(moving, zz)
-        energy = losses.similarity(similarity, fixed, warped, window, reduction="sum")
-        if diffusion_weight:
-            energy = energy + diffusion_weight * losses.diffusion_loss(zz, reduction="sum")
-        (grad,) = torch.autograd.grad(energy, zz, create_graph=create_graph)
-    return grad
+    sim = make_similarity(similarity, window)
+    g = sim.gradient(z, fixed, moving, weight, create_graph=create_graph)
+    if diffusion_weight:
+        g = g + diffusion_weight * losses.diffusion_gradient(z if create_graph else z.detach())
+    return g
+
+
+def make_similarity(similarity, window: int = 5) -> Similarity:
+    """A Similarity from a name ('lncc' takes ``window``) or an instance passed through."""
+    if isinstance(similarity, Similarity):
+        return similarity
+    name = str(similarity).lower()
+    return get_similarity(name, window=window) if name == "lncc" else get_similarity(name)
 
 
 class UpdateOperator(nn.Module):
@@ -93,11 +108,14 @@ class UpdateOperator(nn.Module):
 
 
 class GradientUpdate(UpdateOperator):
-    """z - step_size * G_sigma * grad(E(z)), E = LNCC(sum) + diffusion_weight * diffusion(sum).
+    """z - step_size * G_sigma * grad(E(z)), E = similarity(sum) + diffusion_weight * diffusion(sum).
 
     The Gaussian G_sigma preconditions the step (a Sobolev-type gradient), so
     one step size works across levels and the map contracts near a minimum.
-    No trainable weights.
+    The gradient is analytic (``similarity`` module), so the map is continuous
+    in z, and zero at z = 0 when moving equals fixed. No trainable weights.
+    ``weight`` (optional, (1, 1, *S) on the working grid) weighs the
+    similarity per voxel; 0 masks a voxel out.
     """
 
     update = "gradient"
@@ -105,11 +123,13 @@ class GradientUpdate(UpdateOperator):
     def __init__(self, step_size: float = 1.0, diffusion_weight: float = 1.0, sigma: float = 1.0, window: int = 5,
                  similarity: str = "lncc"):
         super().__init__()
-        self.step_size, self.diffusion_weight = step_size, diffusion_weight
-        self.sigma, self.window, self.similarity = sigma, window, similarity
+        self.step_size, self.diffusion_weight, self.sigma, self.window = step_size, diffusion_weight, sigma, window
+        # one instance per operator: it keeps the prepared features of the pair being solved
+        self.sim = make_similarity(similarity, window)
+        self.similarity = self.sim.name
 
-    def forward(self, z, fixed, moving):
-        g = similarity_gradient(z, fixed, moving, self.similarity, self.window, self.diffusion_weight)
+    def forward(self, z, fixed, moving, weight=None):
+        g = similarity_gradient(z, fixed, moving, self.sim, self.window, self.diffusion_weight, weight=weight)
         return z - self.step_size * gaussian_smooth(g, self.sigma)
 
 
@@ -146,13 +166,15 @@ class HybridUpdate(UpdateOperator):
         super().__init__()
         self.net = net
         self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
-        self.sigma, self.window, self.similarity, self.scale = sigma, window, similarity, scale
+        self.sigma, self.window, self.scale = sigma, window, scale
         self.diffusion_weight = diffusion_weight
         self.second_order = second_order
+        self.sim = make_similarity(similarity, window)
+        self.similarity = self.sim.name
 
     def forward(self, z, fixed, moving):
         create = self.second_order and self.training and torch.is_grad_enabled()
-        g = similarity_gradient(z, fixed, moving, self.similarity, self.window, self.diffusion_weight,
+        g = similarity_gradient(z, fixed, moving, self.sim, self.window, self.diffusion_weight,
                                 create_graph=create)
         g = gaussian_smooth(g, self.sigma)
         warped = warp(moving, z)

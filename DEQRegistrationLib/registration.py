@@ -18,7 +18,7 @@ import torch
 
 from . import metrics
 from .checkpoint import load_operator
-from .config import GRADIENT_MAX_STEPS, GRADIENT_TOL, ModelConfig, Settings, make_settings
+from .config import GRADIENT_ANDERSON_MEMORY, GRADIENT_MAX_STEPS, GRADIENT_TOL, ModelConfig, Settings, make_settings
 from .errors import InputError
 from .geometry import ras_to_lps, voxel_field_to_physical
 from .image import Image
@@ -27,7 +27,7 @@ from .operators import GradientUpdate, UpdateOperator
 from .preprocess import check_pair, normalize_intensity, pad_to_multiple, to_tensor
 from .sampling import Sampler
 from .solvers import solve
-from .transforms import downsample_image, upsample_field
+from .transforms import downsample_image, jacobian_determinant, upsample_field
 
 #: what a bare operator object (no stored ModelConfig) runs with
 BARE_OPERATOR_PLAN = dict(solver="anderson", max_steps=48, tol=1e-3)
@@ -137,6 +137,7 @@ class Plan:
     tol: float
     levels: List[Level]
     multiple: int  # every working grid must divide by this (the U-Net's)
+    solver_options: dict = field(default_factory=dict)  # passed to the solver (gradient mode: Anderson's memory)
 
     @property
     def max_steps(self) -> int:
@@ -144,6 +145,7 @@ class Plan:
 
     def as_dict(self) -> dict:
         return dict(solver=self.solver, tol=self.tol, max_steps=self.max_steps,
+                    solver_options=dict(self.solver_options),
                     levels=[dict(factor=lv.factor, steps=lv.steps) for lv in self.levels])
 
 
@@ -169,7 +171,9 @@ def make_plan(settings: Settings, op: UpdateOperator, config: Optional[ModelConf
     if weights is not None and len(weights) != len(pyramid):
         raise InputError(f"level_weights has {len(weights)} entries but the pyramid {pyramid} has {len(pyramid)}")
     levels = plan_levels(pyramid, int(pick("max_steps")), weights)
-    return Plan(solver=pick("solver"), tol=float(pick("tol")), levels=levels, multiple=op.multiple)
+    solver = pick("solver")
+    options = dict(memory=GRADIENT_ANDERSON_MEMORY) if settings.update == "gradient" and solver == "anderson" else {}
+    return Plan(solver=solver, tol=float(pick("tol")), levels=levels, multiple=op.multiple, solver_options=options)
 
 
 def register(fixed: Image, moving: Image, settings: Optional[Settings] = None, *,
@@ -260,6 +264,7 @@ class _Registration:
         ndim = self.fixed.ndim
         fixed_p, moving_p, self.crop = self._prepare()
         z, prev, converged, stopped = None, None, False, False
+        spare = 0  # steps a level left unused (it converged early) go to the next one: the total stays the budget
         for index, level in enumerate(self.plan.levels):
             with torch.no_grad():
                 fl = downsample_image(fixed_p, level.factor)
@@ -268,9 +273,10 @@ class _Registration:
                 z = (torch.zeros(1, self.op.state_channels(ndim), *fl.shape[2:], device=self.device) if z is None
                      else upsample_field(z, prev // level.factor))
                 op = self.op.for_level(index)
-                res = solve(lambda zz: op(zz, fl, ml), z, self.plan.solver, max_steps=level.steps,
-                            tol=self.plan.tol,
+                res = solve(lambda zz: op(zz, fl, ml), z, self.plan.solver, max_steps=level.steps + spare,
+                            tol=self.plan.tol, **self.plan.solver_options,
                             callback=lambda _, r, zc, i=index, f=level.factor: self._on_step(i, f, r, zc))
+            spare += level.steps - res.steps
             z, prev, converged = res.z, level.factor, res.converged
             if res.stopped:
                 stopped = True
@@ -280,6 +286,7 @@ class _Registration:
     def _result(self, disp: torch.Tensor, converged: bool, stopped: bool) -> RegistrationResult:
         with torch.no_grad():
             warped = self.sampler.image(self.moving_t, disp)[0, 0].cpu().numpy()
+            jacobian = jacobian_determinant(disp)[0].cpu().numpy()
         disp_np = disp[0].cpu().numpy().astype(np.float32)
         warped_labels = None
         if self.moving_labels is not None:
@@ -289,7 +296,7 @@ class _Registration:
             displacement=disp_np,
             fixed_affine=self.fixed.affine.copy(),
             moving_affine=self.moving.affine.copy(),
-            jacobian=metrics.jacobian_determinant(disp_np),
+            jacobian=jacobian,
             trace=self.trace,
             steps=len(self.trace),
             converged=bool(converged),

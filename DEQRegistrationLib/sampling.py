@@ -11,6 +11,7 @@ inverse of the moving affine M:
 Every resampling the library, the CLI, training and the Slicer module do
 ("the moving image on the fixed grid", with or without a field, intensities
 or labels) goes through ``Sampler``; nothing else composes these matrices.
+Points go the same way (``points``): a fixed landmark p lands at q(p).
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class Sampler:
         keep = list(range(self.ndim)) + [3]
         # (ndim+1)^2: for 2D images both grids lie in one plane; the unused axis drops out
         self.matrix = full[np.ix_(keep, keep)]
+        # same grid (the usual case for a pre-aligned pair): no matrix product, no resampling without a field
+        self.identity = bool(np.allclose(self.matrix, np.eye(self.ndim + 1), rtol=0, atol=1e-9))
 
     @classmethod
     def between(cls, fixed: Image, moving: Image, world: Optional[np.ndarray] = None) -> "Sampler":
@@ -61,6 +64,8 @@ class Sampler:
             offset[0] = rows.start
             grid = grid + offset.view(1, -1, *([1] * self.ndim))
         p = grid if disp is None else grid + disp[:, :, rows]
+        if self.identity:
+            return p
         A = torch.as_tensor(self.matrix, dtype=dtype, device=p.device)
         nd = self.ndim
         return torch.einsum("ab,nb...->na...", A[:nd, :nd], p) + A[:nd, nd].view(1, nd, *([1] * nd))
@@ -74,9 +79,14 @@ class Sampler:
         numpy in, numpy out: ``data`` (*S_moving) and ``disp`` (ndim, *S_fixed)
         give (*S_fixed). torch in, torch out: (B, C, *S_moving) and
         (B, ndim, *S_fixed) give (B, C, *S_fixed), on the data's device.
-        ``order`` 1 is (tri)linear, 0 nearest (label maps keep their dtype).
+        ``order`` 1 is (tri)linear, 0 nearest (label maps keep their dtype),
+        3 cubic B-spline (numpy only, through scipy; zero outside the grid).
         Large grids are done in slabs of at most ``chunk_voxels`` voxels.
         """
+        if order == 3:
+            return self._bspline(data, disp, padding, chunk_voxels)
+        if order not in (0, 1):
+            raise ValueError(f"interpolation order {order} is not 0 (nearest), 1 (linear) or 3 (B-spline)")
         as_numpy = isinstance(data, np.ndarray)
         if as_numpy:
             src = np.asarray(data)
@@ -90,6 +100,11 @@ class Sampler:
             d = d.to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
             if tuple(d.shape[2:]) != self.fixed_shape:
                 raise ValueError(f"displacement grid {tuple(d.shape[2:])} is not the fixed grid {self.fixed_shape}")
+        if d is None and self.identity and tuple(x.shape[2:]) == self.fixed_shape:
+            # the moving grid is the fixed grid: sampling at its own voxels returns the data
+            if not as_numpy:
+                return x.clone() if x.is_floating_point() else x.float()
+            return src.copy() if order == 0 else src.astype(np.float32)
         if not x.is_floating_point():
             x = x.float()
         mode = "nearest" if order == 0 else "bilinear"
@@ -110,6 +125,45 @@ class Sampler:
         if order == 0:
             return np.rint(out).astype(src.dtype)
         return out.astype(np.float32, copy=False)
+
+    def _bspline(self, data, disp, padding, chunk_voxels) -> np.ndarray:
+        """Cubic B-spline: the data's spline coefficients once, then evaluated slab by slab."""
+        from scipy import ndimage
+
+        if not isinstance(data, np.ndarray):
+            raise TypeError("B-spline resampling takes numpy arrays")
+        if padding != "zeros":
+            raise ValueError("B-spline resampling pads with zeros only")
+        coef = ndimage.spline_filter(np.asarray(data, dtype=np.float64), order=3, mode="mirror")
+        d = None if disp is None else torch.as_tensor(np.asarray(disp), dtype=torch.float64)[None]
+        if d is not None and tuple(d.shape[2:]) != self.fixed_shape:
+            raise ValueError(f"displacement grid {tuple(d.shape[2:])} is not the fixed grid {self.fixed_shape}")
+        per_row = int(np.prod(self.fixed_shape[1:])) if self.ndim > 1 else 1
+        step = max(1, int(chunk_voxels) // max(per_row, 1))
+        out = np.empty(self.fixed_shape, dtype=np.float32)
+        for start in range(0, self.fixed_shape[0], step):
+            rows = slice(start, min(self.fixed_shape[0], start + step))
+            c = self.coords(d, rows, dtype=torch.float64)[0].numpy()
+            out[rows] = ndimage.map_coordinates(coef, c, order=3, mode="constant", cval=0.0, prefilter=False)
+        return out
+
+    def points(self, points: np.ndarray, disp: Optional[np.ndarray] = None) -> np.ndarray:
+        """Moving voxel coordinates (N, ndim) of fixed-grid points (N, ndim), float64.
+
+        The displacement is interpolated linearly at the points (the nearest
+        edge value outside the grid), as ``metrics.target_registration_error`` does.
+        """
+        from scipy import ndimage
+
+        p = np.asarray(points, dtype=np.float64).reshape(-1, self.ndim)
+        if disp is not None:
+            disp = np.asarray(disp, dtype=np.float64)
+            if tuple(disp.shape[1:]) != self.fixed_shape:
+                raise ValueError(f"displacement grid {tuple(disp.shape[1:])} is not the fixed grid {self.fixed_shape}")
+            p = p + np.stack([ndimage.map_coordinates(disp[a], p.T, order=1, mode="nearest")
+                              for a in range(self.ndim)], 1)
+        nd = self.ndim
+        return p @ self.matrix[:nd, :nd].T + self.matrix[:nd, nd]
 
     def image(self, data: Array, disp: Optional[Array] = None, **kw) -> Array:
         """Intensities, (tri)linear, zero outside the moving grid."""

@@ -19,8 +19,12 @@ import torch
 Callback = Callable[[int, float, torch.Tensor], Optional[bool]]
 
 #: the relative residual every solver reports and every tolerance applies to
-RESIDUAL_DEFINITION = ("||f(z) - z|| / ||f(z)||, per batch item, maximum over the batch (near the fixed point "
-                       "this equals ||f(z) - z|| / ||z||; unlike that form it is finite at the zero initial field)")
+RESIDUAL_DEFINITION = ("||f(z) - z|| / max(||f(z)||, 1e-3 sqrt(n)), per batch item (n values), maximum over the "
+                       "batch: relative to the field, or to an RMS field of 1e-3 voxel when the field is smaller "
+                       "(near the fixed point this equals ||f(z) - z|| / ||z||; unlike that form it is finite at "
+                       "the zero initial field and meaningful at a zero solution, e.g. an image registered to itself)")
+#: the RMS field size (voxels) below which the residual is measured against this size instead of the field's
+RESIDUAL_FLOOR = 1e-3
 
 
 @dataclass
@@ -39,9 +43,13 @@ class SolverResult:
 
 def relative_residual(fz: torch.Tensor, z: torch.Tensor) -> float:
     """``RESIDUAL_DEFINITION``."""
-    diff = (fz - z).flatten(1).norm(dim=1)
-    scale = fz.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return float((diff / scale).max())
+    return _relative(fz - z, fz)
+
+
+def _relative(diff: torch.Tensor, fz: torch.Tensor) -> float:
+    floor = RESIDUAL_FLOOR * fz[0].numel() ** 0.5
+    scale = fz.flatten(1).norm(dim=1).clamp_min(floor)
+    return float((diff.flatten(1).norm(dim=1) / scale).max())  # the one host sync per step
 
 
 class _Recorder:
@@ -95,12 +103,16 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
     1e-4 stalls the solver (a known TorchDEQ trap). A step whose residual
     jumps far above the best seen restarts the history from the best iterate,
     which keeps the method safe on non-contractive early-training maps.
+
+    Cost per step beyond f: the history keeps f(z) and g = f(z) - z, and
+    H = G G^T is updated by one new row (memory dot products), not rebuilt.
     """
     B = z0.shape[0]
     shape = z0.shape
     n = z0[0].numel()
-    X = torch.zeros(B, memory, n, dtype=z0.dtype, device=z0.device)
-    Fx = torch.zeros_like(X)
+    Fx = torch.zeros(B, memory, n, dtype=z0.dtype, device=z0.device)  # f(z) of the history
+    G = torch.zeros_like(Fx)                                            # f(z) - z of the history
+    H = torch.zeros(B, memory, memory, dtype=z0.dtype, device=z0.device)
     residuals: List[float] = []
     rec = _Recorder(record_at)
     converged = stopped = False
@@ -111,7 +123,8 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
     best = (float("inf"), z0)
     step = 0
     for step in range(1, max_steps + 1):
-        r = relative_residual(fz, z)
+        g = fz - z
+        r = _relative(g, fz)
         residuals.append(r)
         if r < best[0]:
             best = (r, fz)
@@ -120,29 +133,9 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
             count = 0
             z = best[1]
             fz = f(z)
-            r = relative_residual(fz, z)
+            g = fz - z
+            r = _relative(g, fz)
             residuals[-1] = r
-        slot = count % memory
-        X[:, slot] = z.reshape(B, -1)
-        Fx[:, slot] = fz.reshape(B, -1)
-        count += 1
-        k = min(count, memory)
-        G = Fx[:, :k] - X[:, :k]
-        H = torch.bmm(G, G.transpose(1, 2))
-        reg = ridge * H.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)
-        H = H + reg.view(B, 1, 1) * torch.eye(k, dtype=H.dtype, device=H.device)
-        ones = torch.ones(B, k, 1, dtype=H.dtype, device=H.device)
-        try:
-            w = torch.linalg.solve(H, ones)
-        except RuntimeError:  # singular despite the ridge: equal weights, the mean of the history
-            w = ones
-        alpha = w / w.sum(1, keepdim=True)
-        mix_f = torch.bmm(alpha.transpose(1, 2), Fx[:, :k]).squeeze(1)
-        if beta == 1.0:
-            z_new = mix_f
-        else:
-            mix_x = torch.bmm(alpha.transpose(1, 2), X[:, :k]).squeeze(1)
-            z_new = beta * mix_f + (1 - beta) * mix_x
         # report and record the latest evaluated output: it is what is returned
         rec.see(step, fz)
         if callback is not None and callback(step, r, fz):
@@ -151,6 +144,26 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
             converged = True
         if converged or stopped or step == max_steps:
             break
+        slot = count % memory
+        Fx[:, slot] = fz.reshape(B, -1)
+        G[:, slot] = g.reshape(B, -1)
+        count += 1
+        k = min(count, memory)
+        row = torch.bmm(G[:, :k], G[:, slot].unsqueeze(2)).squeeze(2)  # (B, k): <g_j, g_slot>
+        H[:, slot, :k] = row
+        H[:, :k, slot] = row
+        Hk = H[:, :k, :k]
+        reg = ridge * Hk.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)
+        Hk = Hk + reg.view(B, 1, 1) * torch.eye(k, dtype=H.dtype, device=H.device)
+        ones = torch.ones(B, k, 1, dtype=H.dtype, device=H.device)
+        # solve_ex reports a singular system in ``info`` instead of raising (no host sync on a GPU);
+        # singular despite the ridge: equal weights, the mean of the history
+        w, info = torch.linalg.solve_ex(Hk, ones)
+        w = torch.where((info == 0).view(B, 1, 1) & torch.isfinite(w).all(1, keepdim=True), w, ones)
+        alpha = (w / w.sum(1, keepdim=True)).transpose(1, 2)  # (B, 1, k)
+        z_new = torch.bmm(alpha, Fx[:, :k]).squeeze(1)
+        if beta != 1.0:  # mix with the history's z = f(z) - g
+            z_new = z_new - (1 - beta) * torch.bmm(alpha, G[:, :k]).squeeze(1)
         z = z_new.reshape(shape)
         fz = f(z)
     rec.finish(fz)

@@ -34,13 +34,19 @@ def sample(image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear",
     """
     ndim = coords.shape[1]
     in_shape = image.shape[2:]
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in in_shape], dtype=coords.dtype, device=coords.device)
-    norm = coords * scale.view(1, -1, *([1] * ndim)) - 1.0
+    scales = [2.0 / max(n - 1, 1) for n in in_shape]
+    # grid_sample wants (B, *S_out, ndim), normalised, with components in reversed axis order.
     # A diverging field must not reach grid_sample as inf/NaN (it can crash);
     # beyond +-2 every sample is padding anyway.
-    norm = torch.nan_to_num(norm, nan=0.0).clamp(-2.0, 2.0)
-    # grid_sample wants (B, *S_out, ndim) with components in reversed axis order.
-    grid = norm.movedim(1, -1).flip(-1)
+    if coords.requires_grad and torch.is_grad_enabled():
+        scale = torch.tensor(scales, dtype=coords.dtype, device=coords.device)
+        norm = coords * scale.view(1, -1, *([1] * ndim)) - 1.0
+        grid = torch.nan_to_num(norm, nan=0.0).clamp(-2.0, 2.0).movedim(1, -1).flip(-1)
+    else:  # the same numbers written once into grid_sample's layout (no autograd: in-place)
+        grid = coords.new_empty(coords.shape[0], *coords.shape[2:], ndim)
+        for a in range(ndim):
+            torch.mul(coords[:, a], scales[a], out=grid[..., ndim - 1 - a])
+        grid.sub_(1.0).nan_to_num_(nan=0.0).clamp_(-2.0, 2.0)
     if image.dtype != grid.dtype:
         image = image.to(grid.dtype)
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
@@ -74,3 +80,33 @@ def upsample_field(disp: torch.Tensor, factor: int) -> torch.Tensor:
         return disp
     mode = "trilinear" if disp.dim() == 5 else "bilinear"
     return F.interpolate(disp, scale_factor=factor, mode=mode, align_corners=False) * factor
+
+
+def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
+    """det(I + grad u) of (B, ndim, *S) voxel-unit fields: (B, *S), on the field's device.
+
+    The same differences as ``metrics.jacobian_determinant`` (numpy's
+    ``gradient``: central inside, one-sided at the border), so both give the
+    same numbers; this one runs where the field is (GPU, or all CPU threads)
+    and builds the determinant with fused multiply-adds.
+    """
+    ndim = disp.shape[1]
+    J = [[None] * ndim for _ in range(ndim)]  # J[a][b] = d(x_a + u_a) / d x_b, (B, *S)
+    for b in range(ndim):
+        dim = 2 + b
+        n = disp.shape[dim]
+        g = torch.zeros_like(disp)
+        if n >= 2:
+            torch.sub(disp.narrow(dim, 2, n - 2), disp.narrow(dim, 0, n - 2), out=g.narrow(dim, 1, n - 2))
+            g.narrow(dim, 1, n - 2).mul_(0.5)
+            torch.sub(disp.narrow(dim, 1, 1), disp.narrow(dim, 0, 1), out=g.narrow(dim, 0, 1))
+            torch.sub(disp.narrow(dim, n - 1, 1), disp.narrow(dim, n - 2, 1), out=g.narrow(dim, n - 1, 1))
+        g[:, b].add_(1.0)
+        for a in range(ndim):
+            J[a][b] = g[:, a]
+    if ndim == 2:
+        return (J[0][0] * J[1][1]).addcmul_(J[0][1], J[1][0], value=-1.0)
+    minor0 = (J[1][1] * J[2][2]).addcmul_(J[1][2], J[2][1], value=-1.0)
+    minor1 = (J[1][0] * J[2][2]).addcmul_(J[1][2], J[2][0], value=-1.0)
+    minor2 = (J[1][0] * J[2][1]).addcmul_(J[1][1], J[2][0], value=-1.0)
+    return (J[0][0] * minor0).addcmul_(J[0][1], minor1, value=-1.0).addcmul_(J[0][2], minor2)

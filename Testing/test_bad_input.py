@@ -128,7 +128,7 @@ def test_a_run_failing_while_writing_leaves_inputs_and_the_previous_output_intac
     inputs = {p: file_hash(p) for p in (pair3d["fixed"], pair3d["moving"], pair3d["fixed_seg"], pair3d["moving_seg"])}
     written = []
 
-    def disk_full(labels, affine, path):
+    def disk_full(labels, affine, path, **options):
         written.append(path)  # the warped image and the field are already on disk by now
         raise OSError(28, "No space left on device", str(path))
 

@@ -13,7 +13,7 @@ from DEQRegistrationLib import cli
 from DEQRegistrationLib.cli import main
 
 OUTPUTS = {"warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "folding_mask.nii.gz", "warped_seg.nii.gz",
-           "convergence.csv", "metrics.json"}
+           "convergence.csv", "metrics.json", "transform.json"}
 METRIC_KEYS = {"dice_before", "dice_mean", "dice_per_label", "hd95", "folding_percent", "std_log_jacobian",
                "tre_mm", "tre_before_mm", "steps", "converged", "final_residual", "seconds", "device", "settings", "plan"}
 

@@ -177,13 +177,36 @@ def test_slicer_markups_to_voxels(tmp_path):
     np.testing.assert_allclose(io.load_landmarks(tmp_path / "p.mrk.json", img), vox, atol=1e-9)
 
 
-def test_inputs_never_modified(tmp_path):
+def test_loaded_arrays_are_independent_of_their_files(tmp_path):
+    """Loading copies the voxels: the file and the loaded array can change without affecting each other.
+
+    An uncompressed float32 .nii is the case where nibabel would hand out a
+    memory map of the file: rewriting the file in place would then change an
+    image already loaded, and writing to the array could reach the file.
+    """
     from conftest import file_hash
 
-    p = write_nifti(tmp_path / "v.nii.gz", blob_volume((8, 8, 8)))
-    before = file_hash(p)
+    vol = blob_volume((8, 9, 10))
+    p = write_nifti(tmp_path / "v.nii", vol, oblique_affine(), dtype=np.float32)
     img = io.load_image(p)
-    img.data[...] = 0  # mutating the loaded array must not touch the file
+    labels = io.load_labels(write_nifti(tmp_path / "s.nii", blob_labels(vol), dtype=np.int32))
+    for arr in (img.data, labels.data):
+        base = arr
+        while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
+            base = base.base
+        assert not isinstance(base, np.memmap), "a loaded array is a view of a memory-mapped file"
+
+    # Rewrite the file's voxels in place: the image loaded before must keep its values ...
+    offset = nib.load(str(p)).dataobj.offset
+    with open(p, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(np.zeros(vol.size, np.float32).tobytes())
+    np.testing.assert_array_equal(img.data, vol)
+    assert np.count_nonzero(np.asanyarray(nib.load(str(p)).dataobj)) == 0  # ... though the file did change
+
+    # ... and editing the loaded array leaves the file as it is.
+    before = file_hash(p)
+    img.data[...] = 7.0
     assert file_hash(p) == before
 
 

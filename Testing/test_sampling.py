@@ -94,3 +94,42 @@ def test_2d_images_in_one_plane():
     out = Sampler.between(Image(np.zeros((10, 12)), Af), Image(moving, Am)).image(moving)
     np.testing.assert_allclose(out[2:], moving[:-2], atol=1e-4)
     assert np.abs(out[:2]).max() < 1e-5 * np.abs(moving).max()  # outside the moving grid: zero padding
+
+
+def test_bspline_order_3_is_cubic_and_follows_the_same_mapping():
+    """Order 3 interpolates a smooth function far better than linear, through the same q(p) (a field too)."""
+    Af, Am = oblique_affine(), oblique_affine((0.8, 0.8, 1.0), (0.05, 0.0, -0.1), (-19.0, 16.0, 8.0))
+    shape = (30, 32, 28)
+    g = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    ras = np.einsum("rc,c...->r...", Am, np.stack(list(g) + [np.ones_like(g[0])]))[:3]
+    smooth = lambda x: np.sin(0.35 * x[0]) * np.cos(0.3 * x[1]) + 0.5 * np.sin(0.25 * x[2])  # noqa: E731
+    moving = smooth(ras).astype(np.float32)
+    u = 0.4 * np.random.default_rng(4).normal(size=(3, 10, 11, 9))
+    s = Sampler((10, 11, 9), Af, Am)
+    q = s.coords(torch.as_tensor(u)[None], dtype=torch.float64)[0].numpy()
+    inside = np.all([(q[a] >= 2) & (q[a] <= n - 3) for a, n in enumerate(shape)], axis=0)
+    assert inside.mean() > 0.2
+    fg = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in (10, 11, 9)], indexing="ij")
+    pts = np.einsum("rc,c...->r...", Af, np.stack([fg[a] + u[a] for a in range(3)] + [np.ones_like(fg[0])]))[:3]
+    truth = smooth(pts)
+    err3 = np.abs(s.resample(moving, u, order=3) - truth)[inside]
+    err1 = np.abs(s.resample(moving, u, order=1) - truth)[inside]
+    assert err3.mean() < 0.2 * err1.mean() and err3.max() < 0.3 * err1.max()
+    # Outside the moving grid: zero, as with linear interpolation.
+    far = np.any([(q[a] < -2) | (q[a] > n + 1) for a, n in enumerate(shape)], axis=0)
+    assert far.any() and np.all(s.resample(moving, u, order=3)[far] == 0)
+
+
+def test_points_land_where_the_coordinates_say():
+    """points() at voxel centres equals coords() there; between voxels the field is interpolated linearly."""
+    Af, Am = oblique_affine(), oblique_affine((1.0, 1.0, 1.5), (0.0, 0.1, 0.0), (1, 2, 3))
+    W = np.eye(4)
+    W[:3, 3] = (1.0, -2.0, 0.5)
+    u = np.random.default_rng(5).normal(size=(3, 5, 6, 7))
+    s = Sampler((5, 6, 7), Af, Am, world=W)
+    q = s.coords(torch.as_tensor(u)[None], dtype=torch.float64)[0].numpy()
+    p = np.array([[1, 2, 3], [4, 5, 6], [0, 0, 0]], dtype=np.float64)
+    np.testing.assert_allclose(s.points(p, u), q[:, [1, 4, 0], [2, 5, 0], [3, 6, 0]].T, atol=1e-9)
+    mid = np.array([[1.5, 2.0, 3.0]])
+    halfway = 0.5 * (s.points(np.array([[1.0, 2, 3]]), u) + s.points(np.array([[2.0, 2, 3]]), u))
+    np.testing.assert_allclose(s.points(mid, u), halfway, atol=1e-9)  # linear in the field, affine in p

