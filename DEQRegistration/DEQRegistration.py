@@ -1,13 +1,15 @@
 """DEQRegistration: deformable registration with Deep Equilibrium Models, in 3D Slicer.
 
 This file holds only what needs Slicer's application, Qt or the scripted-module
-base classes (module description, panel, Slicer self-test). The registration
-logic on MRML nodes is ``DEQRegistrationSlicerLib`` (Qt-free, tested on
-slicer-core); torch and ``DEQRegistrationLib`` are imported only when a
-registration starts, so loading the module costs nothing.
+base classes (module description, panel, Slicer self-test). Everything else is
+``DEQRegistrationSlicerLib`` (Qt-free, tested on slicer-core): the parameter
+node and its mapping to the library's settings, the registration logic, the
+run in a worker thread, the live layout. Torch and ``DEQRegistrationLib`` are
+imported only when a registration starts, so loading the module costs nothing.
 """
-import logging
+import importlib.util
 import os
+import time
 
 import vtk
 
@@ -28,8 +30,155 @@ except ImportError:  # Slicer < 5.3
         return text
 
 from DEQRegistrationSlicerLib import parameters as P
+from DEQRegistrationSlicerLib.layout import LiveLayout
 from DEQRegistrationSlicerLib.logic import RegistrationLogic
 from DEQRegistrationSlicerLib.parameters import ParameterNode
+
+#: the extension's contributors, "Firstname Lastname (Organization)"; the same list is in ../CMakeLists.txt
+CONTRIBUTORS = ["DEQRegistration Maintainers (DEQRegistration project)"]
+#: parameter (parameters.PARAMETERS) -> the .ui widget that edits it; a parameter with a ``label`` and no
+#: entry here gets a widget built by ``makeParameterWidget`` at the end of the "Advanced" section
+PARAMETER_WIDGETS = {
+    "Update": "updateComboBox",
+    "MaxSteps": "maxStepsSpinBox",
+    "Tolerance": "toleranceSpinBox",
+    "Solver": "solverComboBox",
+    "Model": "modelComboBox",
+    "ModelPath": "modelPathLineEdit",
+    "Device": "deviceComboBox",
+    "Similarity": "similarityComboBox",
+    "DiffusionWeight": "diffusionWeightSpinBox",
+    "RefreshEvery": "refreshEverySpinBox",
+}
+#: node reference role -> the .ui selector
+NODE_WIDGETS = {
+    "FixedVolume": "fixedVolumeSelector",
+    "MovingVolume": "movingVolumeSelector",
+    "FixedLabels": "fixedLabelsSelector",
+    "MovingLabels": "movingLabelsSelector",
+    "OutputVolume": "outputVolumeSelector",
+    "OutputTransform": "outputTransformSelector",
+    "OutputFolding": "outputFoldingSelector",
+    "OutputChart": "outputChartSelector",
+}
+#: sections the user cannot edit while a registration runs
+SECTIONS = ("inputsCollapsibleButton", "settingsCollapsibleButton", "advancedCollapsibleButton",
+            "outputsCollapsibleButton", "sampleDataButton")
+#: a Cancel click this soon after Register is the second click of a double click, not a cancel
+DOUBLE_CLICK_SECONDS = 0.5
+#: the poll timer: every 20 ms a tick polls, then waits up to 40 ms for the solver with the GIL released
+POLL_INTERVAL_MS = 20
+YIELD_SECONDS = 0.04
+
+
+def choiceLabels():
+    """What the panel shows for each stored value (translated; the values stay untranslated identifiers)."""
+    return {
+        "gradient": _("Gradient (no weights)"),
+        "learned": _("Learned (trained network)"),
+        "hybrid": _("Hybrid (gradient + network)"),
+        "auto": _("Automatic"),
+        "anderson": _("Anderson acceleration"),
+        "fixed-point": _("Fixed-point iteration"),
+        "default": _("Shipped model"),
+        "file": _("Checkpoint file"),
+        "cpu": _("CPU"),
+        "cuda": _("GPU (CUDA)"),
+        "lncc": _("Local normalized cross-correlation"),
+        "mse": _("Mean squared error"),
+        "mind": _("MIND-SSC descriptors (multi-modal)"),
+    }
+
+
+def generatedParameters():
+    """The parameters whose widget the module builds (a ``label``, no widget in the .ui), in table order."""
+    return [spec for spec in P.PARAMETERS if spec.label and spec.name not in PARAMETER_WIDGETS]
+
+
+def makeParameterWidget(spec):
+    """A Qt widget for a parameter row: combo box (choices), check box (bool), spin box (int/float), line edit."""
+    if spec.choices:
+        widget = qt.QComboBox()
+    elif spec.kind is bool:
+        widget = qt.QCheckBox()
+    elif spec.kind is int:
+        widget = qt.QSpinBox()
+    elif spec.kind is float:
+        widget = qt.QDoubleSpinBox()
+        if len(spec.limits) > 3:
+            widget.decimals = spec.limits[3]
+    else:
+        widget = qt.QLineEdit()
+    if spec.limits and spec.kind in (int, float):
+        widget.minimum, widget.maximum, widget.singleStep = spec.limits[:3]
+    widget.toolTip = _(spec.tooltip)
+    widget.objectName = spec.name[0].lower() + spec.name[1:] + type(widget).__name__[1:]
+    return widget
+
+
+def widgetSignal(spec):
+    """The widget's signal that tells the parameter node its value changed."""
+    return ("currentIndexChanged(int)" if spec.choices else "toggled(bool)" if spec.kind is bool
+            else "valueChanged(int)" if spec.kind is int else "valueChanged(double)" if spec.kind is float
+            else "currentPathChanged(QString)" if spec.name == "ModelPath" else "editingFinished()")
+
+
+def widgetValue(widget, spec):
+    """The value a parameter's widget shows (None: nothing chosen)."""
+    if spec.choices:
+        return widget.itemData(widget.currentIndex) if widget.currentIndex >= 0 else None
+    if spec.kind is bool:
+        return bool(widget.checked)
+    if spec.kind is str:
+        return widget.currentPath if spec.name == "ModelPath" else widget.text
+    return widget.value
+
+
+def setWidgetValue(widget, spec, value):
+    if spec.choices:
+        widget.setCurrentIndex(widget.findData(value))
+    elif spec.kind is bool:
+        widget.checked = bool(value)
+    elif spec.kind is str:
+        if spec.name == "ModelPath":
+            widget.currentPath = value
+        else:
+            widget.text = value
+    else:
+        widget.value = value
+
+
+def defaultModelAvailable(ndim):
+    """Whether the library ships a default model for ``ndim`` (without importing torch)."""
+    spec = importlib.util.find_spec("DEQRegistrationLib")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return os.path.isfile(os.path.join(spec.submodule_search_locations[0], "models", f"default_{ndim}d.pt"))
+
+
+def volumeDimension(volumeNode):
+    """2 for a single-slice volume, 3 otherwise (what the library registers)."""
+    image = volumeNode.GetImageData() if volumeNode is not None else None
+    if image is None:
+        return None
+    return 2 if sorted(image.GetDimensions())[0] == 1 else 3
+
+
+def registerProblem(p):
+    """Why Register cannot run with these settings (translated sentence), or None."""
+    fixed, moving = p.getNode("FixedVolume"), p.getNode("MovingVolume")
+    if fixed is None or moving is None:
+        return _("Select fixed and moving volumes.")
+    if (p.getNode("FixedLabels") is None) != (p.getNode("MovingLabels") is None):
+        return _("Select both fixed and moving labels, or neither.")
+    if p.get("Update") != "gradient":
+        ndim = volumeDimension(fixed)
+        if p.get("Model") == "default" and ndim is not None and not defaultModelAvailable(ndim):
+            return _("No shipped model for {ndim}D images: use the gradient update or a checkpoint file.").format(
+                ndim=ndim)
+        if p.get("Model") == "file" and not os.path.isfile(p.get("ModelPath")):
+            return _("Choose a checkpoint file for the learned or hybrid update.")
+    return None
 
 
 #
@@ -45,16 +194,36 @@ class DEQRegistration(ScriptedLoadableModule):
         self.parent.title = _("DEQ Registration")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []
-        self.parent.contributors = ["DEQRegistration developers"]
+        self.parent.contributors = list(CONTRIBUTORS)
         self.parent.helpText = _(
             "Deformable registration of a moving volume to a fixed volume as the fixed point of a "
-            "Deep Equilibrium Model (DEQReg). Outputs a warped volume, a grid transform (apply it to the "
-            "moving volume or its segmentation), a folding map (Jacobian determinant; folds in red) and a "
-            "convergence plot, all updated live while the solver runs. "
+            "Deep Equilibrium Model (DEQReg). On Register the module switches to its live layout: the fixed "
+            "volume in green with the warped moving volume in magenta (grey where they agree), the folding map "
+            "(Jacobian determinant; folds in red) over the fixed volume, and the convergence chart, all updated "
+            "every few solver steps while the panel stays usable; Register turns into Cancel. "
+            "'Restore layout' brings back the layout you had. Outputs: a warped volume, a grid transform (apply it "
+            "to the moving volume or its segmentation), the folding map and the chart. "
+            "'Load sample pair' loads a brain template and a deformed copy to try it. "
             "See <a href='https://github.com/deqreg/SlicerDEQRegistration'>the project page</a>.")
         self.parent.acknowledgementText = _(
             "DEQReg follows 'Deep Equilibrium Models for Image Registration'. Registration core: "
-            "DEQRegistrationLib (PyTorch).")
+            "DEQRegistrationLib (PyTorch). Sample pair: the MNI ICBM152 2009a template as shipped in nilearn.")
+        app = getattr(slicer, "app", None)
+        if app is not None and hasattr(app, "connect"):
+            app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The sample pair in the Sample Data module (built locally from nilearn's template, no download)."""
+    try:
+        import SampleData
+    except ImportError:
+        return
+    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Registration", sampleName="DEQReg MNI pair", uris=[], fileNames=[], nodeNames=[],
+        thumbnailFileName=os.path.join(iconsPath, "DEQRegistration.png"),
+        customDownloader=lambda source: DEQRegistrationLogic().loadSampleDataInteractively())
 
 
 #
@@ -71,6 +240,8 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._updatingGUIFromParameterNode = False
+        self._pollTimer = None
+        self._startedAt = 0.0
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -78,38 +249,44 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        for combo, values in ((self.ui.solverComboBox, P.SOLVERS), (self.ui.updateModeComboBox, P.UPDATE_MODES),
-                              (self.ui.modelComboBox, P.MODELS), (self.ui.deviceComboBox, P.DEVICES)):
-            for value in values:
-                combo.addItem(_(value), value)
+        self.parameterWidgets = {name: getattr(self.ui, widgetName) for name, widgetName in PARAMETER_WIDGETS.items()}
+        for spec in generatedParameters():
+            widget = makeParameterWidget(spec)
+            self.ui.advancedCollapsibleButton.layout().addRow(_(spec.label), widget)
+            self.parameterWidgets[spec.name] = widget
+        self.fillChoices()
 
         self.logic = DEQRegistrationLogic()
-        self.logic.processEvents = slicer.app.processEvents
         self.logic.statusCallback = self.onStatus
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPoll)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        for selector in (self.ui.fixedVolumeSelector, self.ui.movingVolumeSelector, self.ui.fixedLabelsSelector,
-                         self.ui.movingLabelsSelector, self.ui.outputVolumeSelector,
-                         self.ui.outputTransformSelector, self.ui.outputFoldingSelector,
-                         self.ui.outputChartSelector):
-            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        self.ui.maxStepsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
-        self.ui.refreshEverySpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
-        self.ui.toleranceSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
-        for combo in (self.ui.solverComboBox, self.ui.updateModeComboBox, self.ui.modelComboBox,
-                      self.ui.deviceComboBox):
-            combo.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
+        for name in NODE_WIDGETS.values():
+            getattr(self.ui, name).connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        for name, widget in self.parameterWidgets.items():
+            widget.connect(widgetSignal(P.BY_NAME[name]), self.updateParameterNodeFromGUI)
         self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
+        self.ui.restoreLayoutButton.connect("clicked(bool)", self.onRestoreLayout)
+        self.ui.sampleDataButton.connect("clicked(bool)", self.onLoadSampleData)
 
         self.initializeParameterNode()
+
+    def fillChoices(self):
+        labels = choiceLabels()
+        for name, widget in self.parameterWidgets.items():
+            for value in P.BY_NAME[name].choices:
+                widget.addItem(labels[value], value)
 
     def cleanup(self):
         if self.logic is not None and self.logic.isRunning:
             self.logic.cancel()
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
         self.removeObservers()
 
     def enter(self):
@@ -120,8 +297,7 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event):
-        if self.logic.isRunning:
-            self.logic.cancel()
+        # a running registration stops by itself when the scene closes (it observes the scene)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -132,11 +308,7 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
-        wrapper = ParameterNode(self._parameterNode)
-        if not wrapper.getNode("FixedVolume"):
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first:
-                wrapper.setNode("FixedVolume", first)
+        ParameterNode(self._parameterNode).selectDefaultInputs(slicer.mrmlScene)
 
     def setParameterNode(self, inputParameterNode):
         if inputParameterNode:
@@ -155,39 +327,42 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGUIFromParameterNode = True
         try:
             p = ParameterNode(self._parameterNode)
-            self.ui.fixedVolumeSelector.setCurrentNode(p.getNode("FixedVolume"))
-            self.ui.movingVolumeSelector.setCurrentNode(p.getNode("MovingVolume"))
-            self.ui.fixedLabelsSelector.setCurrentNode(p.getNode("FixedLabels"))
-            self.ui.movingLabelsSelector.setCurrentNode(p.getNode("MovingLabels"))
-            self.ui.outputVolumeSelector.setCurrentNode(p.getNode("OutputVolume"))
-            self.ui.outputTransformSelector.setCurrentNode(p.getNode("OutputTransform"))
-            self.ui.outputFoldingSelector.setCurrentNode(p.getNode("OutputFolding"))
-            self.ui.outputChartSelector.setCurrentNode(p.getNode("OutputChart"))
-            self.ui.maxStepsSpinBox.value = p.get("MaxSteps")
-            self.ui.toleranceSpinBox.value = p.get("Tolerance")
-            self.ui.refreshEverySpinBox.value = p.get("RefreshEvery")
-            for combo, name in ((self.ui.solverComboBox, "Solver"), (self.ui.updateModeComboBox, "UpdateMode"),
-                                (self.ui.modelComboBox, "Model"), (self.ui.deviceComboBox, "Device")):
-                combo.setCurrentIndex(combo.findData(p.get(name)))
-            self.ui.modelPathLineEdit.currentPath = p.get("ModelPath")
-            learned = p.get("UpdateMode") != "gradient"
-            self.ui.modelComboBox.enabled = learned
-            self.ui.modelPathLineEdit.enabled = learned and p.get("Model") == "file"
-            self._updateRegisterButton(p)
+            for role, widgetName in NODE_WIDGETS.items():
+                getattr(self.ui, widgetName).setCurrentNode(p.getNode(role))
+            for name, widget in self.parameterWidgets.items():
+                setWidgetValue(widget, P.BY_NAME[name], p.get(name))
+            gradient = p.get("Update") == "gradient"
+            self.ui.modelComboBox.enabled = not gradient
+            self.ui.modelPathLineEdit.enabled = not gradient and p.get("Model") == "file"
+            for name, widget in self.parameterWidgets.items():
+                spec = P.BY_NAME[name]
+                enabled = gradient or not spec.gradient_only
+                if spec.only_with:
+                    enabled = enabled and p.get(spec.only_with[0]) == spec.only_with[1]
+                if spec.gradient_only or spec.only_with:
+                    widget.enabled = enabled
         finally:
             self._updatingGUIFromParameterNode = False
+        self.updateRunState()
 
-    def _updateRegisterButton(self, p):
-        if self.logic is not None and self.logic.isRunning:
-            self.ui.registerButton.text = _("Cancel")
-            self.ui.registerButton.toolTip = _("Stop after the current step, keeping the state reached.")
-            self.ui.registerButton.enabled = True
+    def updateRunState(self):
+        """Register/Cancel/Cancelling..., editable sections and Restore layout, from the logic's run (one source)."""
+        running = self.logic is not None and self.logic.isRunning
+        for name in SECTIONS:
+            getattr(self.ui, name).enabled = not running
+        self.ui.restoreLayoutButton.enabled = LiveLayout(slicer.mrmlScene).previousLayout() is not None
+        button = self.ui.registerButton
+        if running:
+            cancelling = self.logic.run.cancelRequested
+            button.text = _("Cancelling...") if cancelling else _("Cancel")
+            button.toolTip = _("Stop after the current step, keeping the state reached.")
+            button.enabled = not cancelling
             return
-        self.ui.registerButton.text = _("Register")
-        ready = p.getNode("FixedVolume") is not None and p.getNode("MovingVolume") is not None
-        self.ui.registerButton.toolTip = (_("Register the moving volume to the fixed volume.") if ready
-                                          else _("Select fixed and moving volumes."))
-        self.ui.registerButton.enabled = ready
+        button.text = _("Register")
+        problem = registerProblem(ParameterNode(self._parameterNode)) if self._parameterNode is not None \
+            else _("Select fixed and moving volumes.")
+        button.toolTip = problem or _("Register the moving volume to the fixed volume, showing it live.")
+        button.enabled = problem is None
 
     def updateParameterNodeFromGUI(self, caller=None, event=None):
         if self._parameterNode is None or self._updatingGUIFromParameterNode:
@@ -195,22 +370,12 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasModified = self._parameterNode.StartModify()
         try:
             p = ParameterNode(self._parameterNode)
-            p.setNode("FixedVolume", self.ui.fixedVolumeSelector.currentNode())
-            p.setNode("MovingVolume", self.ui.movingVolumeSelector.currentNode())
-            p.setNode("FixedLabels", self.ui.fixedLabelsSelector.currentNode())
-            p.setNode("MovingLabels", self.ui.movingLabelsSelector.currentNode())
-            p.setNode("OutputVolume", self.ui.outputVolumeSelector.currentNode())
-            p.setNode("OutputTransform", self.ui.outputTransformSelector.currentNode())
-            p.setNode("OutputFolding", self.ui.outputFoldingSelector.currentNode())
-            p.setNode("OutputChart", self.ui.outputChartSelector.currentNode())
-            p.set("MaxSteps", self.ui.maxStepsSpinBox.value)
-            p.set("Tolerance", self.ui.toleranceSpinBox.value)
-            p.set("RefreshEvery", self.ui.refreshEverySpinBox.value)
-            for combo, name in ((self.ui.solverComboBox, "Solver"), (self.ui.updateModeComboBox, "UpdateMode"),
-                                (self.ui.modelComboBox, "Model"), (self.ui.deviceComboBox, "Device")):
-                if combo.currentIndex >= 0:
-                    p.set(name, combo.itemData(combo.currentIndex))
-            p.set("ModelPath", self.ui.modelPathLineEdit.currentPath)
+            for role, widgetName in NODE_WIDGETS.items():
+                p.setNode(role, getattr(self.ui, widgetName).currentNode())
+            for name, widget in self.parameterWidgets.items():
+                value = widgetValue(widget, P.BY_NAME[name])
+                if value is not None:
+                    p.set(name, value)
         finally:
             self._parameterNode.EndModify(wasModified)
 
@@ -222,36 +387,65 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRegisterButton(self):
         if self.logic.isRunning:
-            self.logic.cancel()
-            self.ui.registerButton.text = _("Cancelling...")
-            self.ui.registerButton.enabled = False
+            if time.monotonic() - self._startedAt > DOUBLE_CLICK_SECONDS:
+                self.logic.cancel()
+            self.updateRunState()
             return
-        p = ParameterNode(self._parameterNode)
         if not self.logic.ensureDependencies():
             return
-        kwargs = p.registrationKwargs()
-        fixed, moving = p.getNode("FixedVolume"), p.getNode("MovingVolume")
+        p = ParameterNode(self._parameterNode)
         self.ui.progressBar.value = 0
-        try:
-            self.logic.isRunning = True  # the button shows Cancel from the first step
-            self._updateRegisterButton(p)
-            outputs = None
-            with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=False):
-                slicer.util.setSliceViewerLayers(background=fixed, foreground=None, foregroundOpacity=0.5)
-                outputs = self.logic.register(fixed, moving, **kwargs, showOutputs=True)
-        finally:
-            self.logic.isRunning = False
-            self._updateRegisterButton(p)
-        if outputs is None:
+        try:  # p.settings(): the library's settings as a plain dict, passed through to register()
+            run = self.logic.start(p.getNode("FixedVolume"), p.getNode("MovingVolume"),
+                                   refreshEvery=p.get("RefreshEvery"), **p.nodes(), **p.settings(),
+                                   liveLayout=LiveLayout(slicer.mrmlScene, slicer.app.applicationLogic()))
+        except ValueError as exc:  # the library's InputError (or a malformed list): one line, no traceback
+            slicer.util.errorDisplay(_("Cannot register: {reason}").format(reason=exc))
             return
-        # Remember the outputs so a rerun reuses them.
+        except Exception as exc:
+            import traceback
+            slicer.util.errorDisplay(_("Registration failed: {reason}").format(reason=exc),
+                                     detailedText=traceback.format_exc())
+            return
+        self._startedAt = time.monotonic()
+        p.rememberOutputs(run.nodes)
+        self._pollTimer.start()
+        self.updateRunState()
+
+    def onPoll(self):
+        run = self.logic.run
+        if run is None or not run.tick(YIELD_SECONDS):
+            self.updateRunState()
+            return
+        self._pollTimer.stop()
+        self.onFinished(run)
+
+    def onFinished(self, run):
+        if run.error is not None:
+            if isinstance(run.error, ValueError):
+                slicer.util.errorDisplay(_("Cannot register: {reason}").format(reason=run.error))
+            else:
+                slicer.util.errorDisplay(_("Registration failed: {reason}").format(reason=run.error),
+                                         detailedText=run.errorDetails)
+        self.ui.statusLabel.text = "\n".join(run.messages)
+        self.updateRunState()
+
+    def onRestoreLayout(self):
+        LiveLayout(slicer.mrmlScene).restore()
+        self.updateRunState()
+
+    def onLoadSampleData(self):
+        pair = self.logic.loadSampleDataInteractively()
+        if pair is None:
+            return
+        p = ParameterNode(self._parameterNode)
         wasModified = self._parameterNode.StartModify()
-        p.setNode("OutputVolume", outputs.warpedVolume)
-        p.setNode("OutputTransform", outputs.transform)
-        p.setNode("OutputFolding", outputs.foldingMap)
-        p.setNode("OutputChart", outputs.chart)
+        p.setNode("FixedVolume", pair.fixed)
+        p.setNode("MovingVolume", pair.moving)
+        p.setNode("FixedLabels", pair.fixedLabels)
+        p.setNode("MovingLabels", pair.movingLabels)
         self._parameterNode.EndModify(wasModified)
-        self.ui.statusLabel.text = "\n".join(outputs.messages)
+        self.ui.statusLabel.text = pair.description
 
 
 #
@@ -260,67 +454,59 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class DEQRegistrationLogic(ScriptedLoadableModuleLogic, RegistrationLogic):
-    """Scripted-module logic: ``RegistrationLogic`` plus Slicer's parameter node and dialogs.
+    """Scripted-module logic: ``RegistrationLogic`` plus Slicer's parameter node, dialogs and views.
 
-    Usable without the GUI::
+    Usable without the GUI (waits for the result; ``wait=False`` returns the running job)::
 
         logic = DEQRegistrationLogic()
-        outputs = logic.register(fixedNode, movingNode, maxSteps=48)
+        outputs = logic.register(fixedNode, movingNode, max_steps=48)
     """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         app = getattr(slicer, "app", None)
-        RegistrationLogic.__init__(self, processEvents=app.processEvents if app is not None else None)
+        RegistrationLogic.__init__(self, processEvents=getattr(app, "processEvents", None))
 
     def getParameterNode(self):
         node = ScriptedLoadableModuleLogic.getParameterNode(self)
         ParameterNode(node).setDefaults()
         return node
 
-    def ensureDependencies(self):
-        """Install missing packages (after confirmation) and PyTorch through the PyTorch extension."""
+    def ensureDependencies(self, requirements=None):
+        """Install missing packages and PyTorch (after confirmation); False after showing why it failed.
+
+        No wait cursor over the confirmations: only the installing itself shows one.
+        """
         from DEQRegistrationSlicerLib.dependencies import MissingDependency, ensureDependencies
         try:
-            with slicer.util.WaitCursor():
-                ensureDependencies(confirm=slicer.util.confirmOkCancelDisplay, pipInstall=slicer.util.pip_install)
+            ensureDependencies(confirm=slicer.util.confirmOkCancelDisplay, pipInstall=slicer.util.pip_install,
+                               busy=slicer.util.WaitCursor, requirements=requirements)
             return True
         except MissingDependency as exc:
             slicer.util.errorDisplay(str(exc))
             return False
 
     def register(self, fixedVolumeNode, movingVolumeNode, fixedLabelsNode=None, movingLabelsNode=None,
-                 showOutputs=False, **kwargs):
-        """``RegistrationLogic.register``; with ``showOutputs`` also lays the outputs out in the views."""
-        if showOutputs:
-            kwargs["outputVolume"] = self._prepareShownOutput(kwargs.get("outputVolume"), fixedVolumeNode,
-                                                              movingVolumeNode)
-        outputs = RegistrationLogic.register(self, fixedVolumeNode, movingVolumeNode, fixedLabelsNode,
-                                             movingLabelsNode, **kwargs)
-        if showOutputs:
-            slicer.util.setSliceViewerLayers(background=fixedVolumeNode, foreground=outputs.warpedVolume,
-                                             foregroundOpacity=0.5)
-            slicer.modules.plots.logic().ShowChartInLayout(outputs.chart)
-        for message in outputs.messages:
-            logging.info(message)
-        return outputs
+                 showLive=False, **kwargs):
+        """``RegistrationLogic.register``; with ``showLive`` the module's live layout shows it (GUI only)."""
+        if showLive and getattr(slicer, "app", None) is not None:
+            kwargs["liveLayout"] = LiveLayout(slicer.mrmlScene, slicer.app.applicationLogic())
+        return RegistrationLogic.register(self, fixedVolumeNode, movingVolumeNode, fixedLabelsNode,
+                                          movingLabelsNode, **kwargs)
 
-    def _prepareShownOutput(self, outputVolume, fixedVolumeNode, movingVolumeNode):
-        """Create the warped volume before the solve so the views show it updating live."""
-        if outputVolume is None:
-            outputVolume = slicer.mrmlScene.AddNewNodeByClass(
-                "vtkMRMLScalarVolumeNode", slicer.mrmlScene.GenerateUniqueName(movingVolumeNode.GetName() + " warped"))
-        self._liveForeground = outputVolume
-        self._liveFixed = fixedVolumeNode
-        return outputVolume
-
-    def _showState(self, *args, **kwargs):
-        first = getattr(self, "_liveForeground", None) is not None
-        RegistrationLogic._showState(self, *args, **kwargs)
-        if first:
-            slicer.util.setSliceViewerLayers(background=self._liveFixed, foreground=self._liveForeground,
-                                             foregroundOpacity=0.5)
-            self._liveForeground = None
+    def loadSampleDataInteractively(self):
+        """The sample pair (after installing what it needs), or None after showing why not."""
+        from DEQRegistrationSlicerLib.dependencies import DEMO_REQUIREMENTS
+        from DEQRegistrationSlicerLib.sampledata import loadSamplePair
+        if not self.ensureDependencies(DEMO_REQUIREMENTS):
+            return None
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Could not load the sample pair."), waitCursor=True):
+                pair = loadSamplePair(slicer.mrmlScene)
+                slicer.util.setSliceViewerLayers(background=pair.fixed, fit=True)
+        except Exception:  # shown by tryWithErrorDisplay, which raises again
+            return None
+        return pair
 
 
 #
@@ -329,14 +515,41 @@ class DEQRegistrationLogic(ScriptedLoadableModuleLogic, RegistrationLogic):
 
 
 class DEQRegistrationTest(ScriptedLoadableModuleTest):
-    """Self-test run inside Slicer (Reload and Test, and CTest through slicer_add_python_unittest)."""
+    """Self-test run inside Slicer (Reload and Test, and CTest through slicer_add_python_unittest).
+
+    The extension factory builds without torch: the parts that need it are
+    skipped there (with a message), the rest always runs.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        self.test_ParametersAndLayout()
+        self.setUp()
+        if importlib.util.find_spec("torch") is None:
+            self.delayDisplay("PyTorch is not installed here: the registration test is skipped")
+            return
         self.test_RecoverTranslation()
+
+    def test_ParametersAndLayout(self):
+        """Parameter node defaults, their mapping to the library's settings, and the live layout description."""
+        self.delayDisplay("Checking the parameter node and the live layout")
+        logic = DEQRegistrationLogic()
+        p = ParameterNode(logic.getParameterNode())
+        self.assertEqual(p.get("Update"), "gradient")
+        self.assertEqual(p.settings(), {"update": "gradient", "device": "auto", "similarity": "lncc",
+                                        "diffusion_weight": 0.5, "window": 5, "step_size": 1.0, "sigma": 1.5,
+                                        "cpu_fallback": True})
+        layoutNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+        if layoutNode is not None:
+            live = LiveLayout(slicer.mrmlScene)
+            before = layoutNode.GetViewArrangement()
+            self.assertTrue(live.activate())
+            self.assertTrue(live.isActive())
+            live.restore()
+            self.assertEqual(layoutNode.GetViewArrangement(), before)
 
     def test_RecoverTranslation(self):
         """A smooth volume shifted by a known RAS translation is registered back; outputs checked."""
@@ -357,7 +570,7 @@ class DEQRegistrationTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Registering")
         logic = DEQRegistrationLogic()
         steps = []
-        outputs = logic.register(fixed, moving, update="gradient", maxSteps=45, refreshEvery=5,
+        outputs = logic.register(fixed, moving, update="gradient", max_steps=45, refreshEvery=5,
                                  callback=lambda progress: steps.append(progress.step))
         self.assertEqual(steps, list(range(1, outputs.result.steps + 1)))
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(moving), movingBefore)

@@ -96,13 +96,13 @@ class SavedTransform:
     inverse_info: Optional[dict] = None
     source: str = ""
     displacement_lps: Optional[np.ndarray] = None  # (*fixed.shape, 3) float32 LPS mm: the file's values
+    field_file: Optional[Path] = None  # the forward field already written there (its LPS array then released)
 
     def __post_init__(self):
-        if self.displacement_lps is None:
-            from .geometry import ras_to_lps, voxel_field_to_physical
+        if self.displacement_lps is None and self.field_file is None:
+            from .chunked import field_as_saved
 
-            self.displacement_lps = ras_to_lps(voxel_field_to_physical(self.displacement,
-                                                                       self.fixed.affine)).astype(np.float32)
+            self.displacement_lps = field_as_saved(self.displacement, self.fixed.affine)[0]
 
     @property
     def ndim(self) -> int:
@@ -192,35 +192,49 @@ def map_points_file(t: SavedTransform, pf, reference: Image, inverse: bool = Fal
 # --- from a registration result -----------------------------------------------------------
 
 
-def field_as_saved(displacement: np.ndarray, fixed_affine: np.ndarray):
-    """(float32 LPS mm as the ITK file stores it, the voxel field reading that file back gives)."""
-    from .geometry import ras_to_lps, voxel_field_to_physical
+def field_as_saved(displacement: np.ndarray, fixed_affine: np.ndarray, in_place: bool = False):
+    """(float32 LPS mm as the ITK file stores it, the voxel field reading that file back gives).
 
-    lps = ras_to_lps(voxel_field_to_physical(displacement, fixed_affine)).astype(np.float32)
-    return lps, io.itk_displacement_to_voxel(lps, fixed_affine)
+    Computed in slabs (``chunked.field_as_saved``, the same numbers); with
+    ``in_place`` the voxel field overwrites ``displacement``.
+    """
+    from .chunked import field_as_saved as slabbed
+
+    return slabbed(displacement, fixed_affine, in_place=in_place)
 
 
-def saved_result(result, moving: Image, moving_labels: Optional[np.ndarray] = None):
+def saved_result(result, moving: Image, moving_labels: Optional[np.ndarray] = None, reuse_field: bool = False,
+                 on_field=None):
     """(result re-derived from the field as saved, SavedTransform).
 
     The displacement becomes exactly what ``displacement.*`` holds once read
     back; warped image, warped labels and Jacobian are computed from it the
     way ``deqreg apply`` computes them. The differences to ``result`` are at
     float32 rounding level; what they buy is that the files are reproducible.
+    ``reuse_field``: the saved field overwrites ``result.displacement`` (a
+    caller that drops ``result`` saves a full-size copy); the Jacobian is
+    computed in slabs either way (``chunked``). ``on_field(transform)`` runs
+    before anything is warped: the CLI writes the field file there and
+    releases its LPS array (``memory.FieldSpill``).
     """
-    from . import metrics
+    from . import chunked
 
     fixed = Grid(tuple(result.displacement.shape[1:]), np.asarray(result.fixed_affine, dtype=np.float64))
     world = getattr(result, "world", None)
     if world is not None and np.allclose(world, np.eye(4), atol=0, rtol=0):
         world = None
-    lps, vox = field_as_saved(result.displacement, fixed.affine)
+    disp = result.displacement
+    in_place = bool(reuse_field and isinstance(disp, np.ndarray) and disp.dtype == np.float32 and disp.flags.writeable)
+    lps, vox = field_as_saved(disp, fixed.affine, in_place=in_place)
     t = SavedTransform(fixed, vox, Grid.of(moving), world, displacement_lps=lps)
+    del lps
+    if on_field is not None:
+        on_field(t)
     warped = t.warp(moving.data, moving.affine, order=1)
     labels = None if moving_labels is None else t.warp(moving_labels, moving.affine, order=0)
     new = dataclasses.replace(result, displacement=t.displacement,
                               warped=Image(warped, fixed.affine.copy()), warped_labels=labels,
-                              jacobian=metrics.jacobian_determinant(t.displacement))
+                              jacobian=chunked.jacobian_determinant(t.displacement))
     return new, t
 
 
@@ -237,7 +251,10 @@ def save(folder: Path, t: SavedTransform, fmt: str = "nii", inverse=None, compre
 
     folder = Path(folder)
     disp_name = io.output_name("displacement", fmt)
-    io.save_itk_displacement(t.displacement_lps, t.fixed.affine, folder / disp_name, compresslevel=compresslevel)
+    if t.field_file is None or Path(t.field_file) != folder / disp_name:  # not already written there
+        if t.displacement_lps is None:
+            raise ValueError(f"the field was written to {t.field_file}, not into {folder}")
+        io.save_itk_displacement(t.displacement_lps, t.fixed.affine, folder / disp_name, compresslevel=compresslevel)
     affine_name = None
     if t.world is not None:
         affine_name = "affine.tfm"

@@ -96,6 +96,8 @@ def read_pairs(path, supported=PAIR_COLUMNS) -> List[Pair]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"pairs file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    if path.suffix.lower() == ".json":  # a Learn2Reg dataset JSON: its pairs, masks and keypoints
+        return _dataset_pairs(path, supported)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -142,6 +144,17 @@ def read_pairs(path, supported=PAIR_COLUMNS) -> List[Pair]:
         pairs.append(Pair(row_number, line, pair_id, files))
     if not pairs:
         raise InputError(f"{path} has a header but no pairs")
+    return pairs
+
+
+def _dataset_pairs(path: Path, supported) -> List[Pair]:
+    from .learn2reg import dataset_rows
+
+    pairs = []
+    for n, row in enumerate(dataset_rows(path), start=1):
+        files = {name: (row.get(name) if name in supported else None) for name in PAIR_COLUMNS}
+        _check_id(row["id"], path, n)
+        pairs.append(Pair(n, n, row["id"], files))
     return pairs
 
 

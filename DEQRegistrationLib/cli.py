@@ -20,14 +20,15 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from .config import SOLVER_NAMES, Settings, make_settings
-from .errors import InputError
+from .config import INIT_SIMILARITIES, INITS, PRESETS, SIMILARITIES, SOLVER_NAMES, Settings, make_settings
+from .errors import AlignmentWarning, InputError
 from .image import Image
 from .io import OUTPUT_FORMATS
 from .solvers import RESIDUAL_DEFINITION
@@ -76,10 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="total solver steps over all levels")
     reg.add_argument("--tol", type=_positive_float, default=None, metavar="X",
                      help="stop when the relative residual falls below X; residual = " + RESIDUAL_DEFINITION)
+    reg.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                     help="a bundle of the options below for a common case; options given beside it win: "
+                          + "; ".join(f"{k}: {v['about']}" for k, v in PRESETS.items()))
+    reg.add_argument("--init", choices=INITS, default=None,
+                     help="linear alignment before the deformable stage (default: affine)")
+    reg.add_argument("--init-similarity", choices=INIT_SIMILARITIES, default=None,
+                     help="the alignment's similarity (default: ncc, or mi with --similarity mind)")
+    reg.add_argument("--similarity", choices=SIMILARITIES, default=None,
+                     help="the deformable stage's similarity, gradient update (default: lncc)")
+    reg.add_argument("--fixed-mask", metavar="F", help="label map or binary image (any grid): where the similarity "
+                                                      "is measured on the fixed image; folding is also reported inside it")
+    reg.add_argument("--moving-mask", metavar="M", help="label map or binary image (any grid) on the moving side")
     reg.add_argument("--format", choices=tuple(OUTPUT_FORMATS), default="nii",
                      help="file format of the output images and fields (default: nii, i.e. .nii.gz)")
     reg.add_argument("--inverse", action="store_true",
                      help="also write the inverse transform (moving -> fixed space), solved as a fixed point")
+    reg.add_argument("--memory-check", choices=("error", "warn", "off"), default="error",
+                     help="before registering, compare the estimated peak memory with the memory available: "
+                          "'error' stops (with what would make it fit) when it does not fit, 'warn' only warns "
+                          "(default: error)")
 
     ap = sub.add_parser("apply", help="apply a saved registration to an image, a label map or points",
                         description="Apply the transform saved by 'deqreg register' to INPUT. Forward: a "
@@ -167,6 +184,8 @@ class Job:
     moving_seg: Optional[np.ndarray] = None
     fixed_points: Optional[np.ndarray] = None
     moving_points: Optional[np.ndarray] = None
+    fixed_mask: Optional[np.ndarray] = None   # boolean, on the fixed image's grid
+    moving_mask: Optional[np.ndarray] = None  # boolean, on the moving image's grid
     settings: Settings = field(default_factory=Settings)
     inputs: Dict = field(default_factory=dict)
     output_format: str = "nii"   # io.OUTPUT_FORMATS key
@@ -207,9 +226,18 @@ def load_job(args) -> Job:
         job.fixed_points = io.load_landmarks(args.fixed_landmarks, fixed, "fixed landmarks")
         job.moving_points = io.load_landmarks(args.moving_landmarks, moving, "moving landmarks")
         io.check_landmark_pair(job.fixed_points, job.moving_points)
+    from .masks import on_grid
+
+    for role, image in (("fixed", fixed), ("moving", moving)):
+        path = getattr(args, f"{role}_mask", None)
+        if path:
+            # mapped onto its image's grid now, so a mask that cannot be used is refused before any work
+            setattr(job, f"{role}_mask", on_grid(io.load_mask(path, f"{role} mask"), image, f"{role} mask {path}"))
     job.inputs = {k: str(Path(v).resolve()) for k, v in
                   dict(fixed=args.fixed, moving=args.moving, fixed_seg=args.fixed_seg, moving_seg=args.moving_seg,
-                       fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks).items() if v}
+                       fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
+                       fixed_mask=getattr(args, "fixed_mask", None),
+                       moving_mask=getattr(args, "moving_mask", None)).items() if v}
     return job
 
 
@@ -232,7 +260,8 @@ class ProgressBar:
         if self.bar.total != p.max_steps:
             self.bar.total = p.max_steps
         self.bar.update(p.step - self.bar.n)
-        self.bar.set_postfix_str(f"level {p.level + 1}/{p.n_levels} residual {p.residual:.2e}", refresh=False)
+        stage = "alignment " if getattr(p, "stage", "deformable") == "alignment" else ""
+        self.bar.set_postfix_str(f"{stage}level {p.level + 1}/{p.n_levels} residual {p.residual:.2e}", refresh=False)
         return None
 
     def close(self):
@@ -244,21 +273,22 @@ def run_register(job: Job, progress: Optional[Callable] = None):
     """register() with the job's settings and labels; returns the RegistrationResult."""
     from .registration import register  # imported when first needed: torch is heavy
 
-    return register(job.fixed, job.moving, job.settings, callback=progress, moving_labels=job.moving_seg)
+    # field_only: execute() derives warped image, labels and Jacobian from the field as saved
+    return register(job.fixed, job.moving, job.settings, callback=progress, moving_labels=job.moving_seg,
+                    fixed_mask=job.fixed_mask, moving_mask=job.moving_mask, field_only=True)
 
 
 def compute_metrics(job: Job, result) -> Dict:
     """The numbers of metrics.json; conventions as in ``metrics`` (Dice over labels in both maps, no 0)."""
     from . import metrics as M
+    from .chunked import jacobian_summary
 
     jac = np.asarray(result.jacobian)
-    out = {
-        "folding_percent": M.folding_percent(jac),
-        "std_log_jacobian": M.std_log_jacobian(jac),
-        "std_log_jacobian_l2r": M.std_log_jacobian_l2r(jac),
-        "jacobian_min": float(jac.min()),
-        "jacobian_max": float(jac.max()),
-    }
+    out = jacobian_summary(jac)  # folding, SDlogJ, min, max (slabs on large grids)
+    if getattr(result, "fixed_mask", None) is not None:
+        inside = np.asarray(result.fixed_mask, dtype=bool)
+        out.update(folding_percent_mask=M.folding_percent(jac[inside]),
+                   std_log_jacobian_mask=float(np.log(np.clip(jac[inside], 1e-9, 1e9)).std()))
     out.update(dice_before=None, dice_mean=None, dice_per_label=None, dice_before_per_label=None,
                hd95=None, hd95_before=None, tre_mm=None, tre_before_mm=None)
     if job.fixed_seg is not None:
@@ -282,15 +312,20 @@ def compute_metrics(job: Job, result) -> Dict:
     if job.fixed_points is not None:
         disp = np.asarray(result.displacement)
         tre = M.target_registration_error(job.fixed_points, job.moving_points, disp,
-                                          job.fixed.affine, job.moving.affine)
+                                          job.fixed.affine, job.moving.affine, world=result.world)
         tre0 = M.target_registration_error(job.fixed_points, job.moving_points, np.zeros_like(disp),
                                            job.fixed.affine, job.moving.affine)
         out.update(tre_mm=float(tre.mean()), tre_before_mm=float(tre0.mean()),
                    tre_median_mm=float(np.median(tre)), tre_per_landmark_mm=[float(v) for v in tre],
                    n_landmarks=int(len(tre)))
-    out.update(steps=int(result.steps), converged=bool(result.converged),
+    stages = [row.get("stage", "deformable") for row in result.trace]
+    out.update(steps=stages.count("deformable"), alignment_steps=stages.count("alignment"),
+               converged=bool(result.converged),
                final_residual=float(result.final_residual), seconds=float(result.seconds),
                device=str(result.device), cancelled=bool(getattr(result, "cancelled", False)))
+    alignment = getattr(result, "alignment", None)
+    out.update(affine=np.asarray(result.world).tolist(),
+               alignment=None if alignment is None else alignment.as_dict())
     out["conventions"] = {
         "dice": "per label present in both input label maps, background 0 excluded; dice_mean = nanmean",
         "dice_before": "fixed labels vs moving labels resampled into the fixed grid with identity (nearest)",
@@ -299,8 +334,13 @@ def compute_metrics(job: Job, result) -> Dict:
         "std_log_jacobian": "std(log(clip(detJ))) over the interior (2 voxels cropped per side)",
         "std_log_jacobian_l2r": "Learn2Reg code's variant std(log(detJ + 3))",
         "tre_mm": "mean landmark distance in mm in the moving image's physical space",
-        "displacement": "displacement.*: ITK displacement field, LPS mm, fixed grid; transform.json names the "
-                        "files of the saved transform and its direction (deqreg apply reads it)",
+        "displacement": "displacement.*: ITK displacement field d, LPS mm, fixed grid, applied before the affine: "
+                        "a fixed point x maps to W(x + d(x)); transform.json names the files of the saved "
+                        "transform and its direction (deqreg apply reads it)",
+        "affine": "W, the linear alignment alone, fixed RAS -> moving RAS (4x4; affine.tfm holds it in LPS for "
+                  "ITK, written when the alignment stage ran); identity with --init none",
+        "folding_percent_mask": "folding_percent and SDlogJ (no crop) over the fixed mask only, when one is given",
+        "jacobian": "of the deformation d alone (W scales every determinant by det W, folding unchanged)",
     }
     return out
 
@@ -357,9 +397,10 @@ def write_outputs(folder: Path, job: Job, result, metrics: Dict, transform=None,
             done.result()
     with open(folder / "convergence.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["step", "level", "residual", "seconds"])
+        w.writerow(["step", "stage", "level", "residual", "seconds"])
         for row in result.trace:
-            w.writerow([row["step"], row["level"], f"{row['residual']:.6g}", f"{row['seconds']:.4f}"])
+            w.writerow([row["step"], row.get("stage", "deformable"), row["level"], f"{row['residual']:.6g}",
+                        f"{row['seconds']:.4f}"])
     doc = dict(metrics)
     doc["settings"] = job.settings.as_dict()
     doc["plan"] = result.plan.as_dict()
@@ -425,6 +466,7 @@ def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional
     ``progress(p)``, when given, replaces the progress bar (``deqreg batch`` draws its own).
     """
     from .apply import saved_result
+    from .memory import SPILL_MIN_VOXELS, FieldSpill, grid_only
 
     bar = ProgressBar(desc) if progress is None else None
     try:
@@ -432,8 +474,21 @@ def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional
     finally:
         if bar is not None:
             bar.close()
-    # Outputs and metrics come from the field as saved, so 'deqreg apply' reproduces them.
-    result, transform = saved_result(result, job.moving, job.moving_seg)
+    # Outputs and metrics come from the field as saved, so 'deqreg apply' reproduces them. Input voxels
+    # are released as soon as they are used: from here on the outputs need only the grids (``memory``).
+    job.fixed = grid_only(job.fixed)
+    spill = FieldSpill(out, job.output_format) if result.displacement[0].size >= SPILL_MIN_VOXELS else None
+    try:
+        result, transform = saved_result(result, job.moving, job.moving_seg, reuse_field=True, on_field=spill)
+        job.moving = grid_only(job.moving)
+        return _finish(job, out, result, transform, spill, extra_metrics, extra_files)
+    finally:
+        if spill is not None:
+            spill.cleanup()
+
+
+def _finish(job, out, result, transform, spill, extra_metrics, extra_files):
+    """execute() after the field is saved: inverse, metrics, every file."""
     inverse = None
     if job.inverse:
         transform, inverse = transform.with_inverse()
@@ -445,6 +500,8 @@ def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional
         metrics.update(extra_metrics(result))
 
     def fill(tmp):
+        if spill is not None:  # the forward field, written early to bound memory (``memory.FieldSpill``)
+            spill.move_into(tmp, transform)
         write_outputs(tmp, job, result, metrics, transform, inverse)
         if extra_files is not None:
             extra_files(tmp, result, metrics)
@@ -454,7 +511,8 @@ def execute(job: Job, out: Path, desc: str = "register", extra_metrics: Optional
 
 
 def summary_line(metrics: Dict) -> str:
-    parts = [f"{metrics['steps']} steps", f"{metrics['seconds']:.1f} s on {metrics['device']}",
+    aligned = f"{metrics['alignment_steps']} alignment + " if metrics.get("alignment_steps") else ""
+    parts = [f"{aligned}{metrics['steps']} steps", f"{metrics['seconds']:.1f} s on {metrics['device']}",
              f"residual {metrics['final_residual']:.2e}" + ("" if metrics["converged"] else " (not converged)")]
     if metrics.get("dice_mean") is not None:
         parts.append(f"Dice {metrics['dice_before']:.3f} -> {metrics['dice_mean']:.3f}")
@@ -464,17 +522,31 @@ def summary_line(metrics: Dict) -> str:
     return ", ".join(parts)
 
 
+#: register options that are Settings fields of the same name (make_settings validates them)
+REGISTER_SETTING_OPTIONS = ("preset", "init", "init_similarity", "similarity")
+
+
 def cmd_register(args, progress: Optional[Callable] = None) -> int:
     """``deqreg register``; ``deqreg batch`` runs it per pair with its own ``progress`` and no closing line."""
     out = check_out_dir(Path(args.out), args.overwrite,
                         [args.fixed, args.moving, args.fixed_seg, args.moving_seg,
-                         args.fixed_landmarks, args.moving_landmarks])
+                         args.fixed_landmarks, args.moving_landmarks, args.fixed_mask, args.moving_mask])
     job = load_job(args)
     model, update = resolve_model(args.model, args.update, job.fixed.ndim)
     job.settings = make_settings(update=update, model=model, solver=args.solver, max_steps=args.max_steps,
-                                 tol=args.tol, device=args.device)
+                                 tol=args.tol, device=args.device,
+                                 **{k: getattr(args, k) for k in REGISTER_SETTING_OPTIONS
+                                    if getattr(args, k, None) is not None})
     job.output_format, job.inverse = args.format, args.inverse
-    _, metrics = execute(job, out, progress=progress)
+    from .memory import check as memory_check
+
+    memory_check(job.fixed, job.moving, update, labels=job.fixed_seg is not None, model=model,
+                 mode=getattr(args, "memory_check", "error"), warn=lambda m: print(f"{PROG}: {m}", file=sys.stderr))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AlignmentWarning)  # reported below, from metrics.json, as one line
+        _, metrics = execute(job, out, progress=progress)
+    if (metrics.get("alignment") or {}).get("message"):
+        print(f"{PROG}: warning: {metrics['alignment']['message']}", file=sys.stderr)
     if progress is None:
         print(f"{PROG}: wrote {out} ({summary_line(metrics)})")
     return 0

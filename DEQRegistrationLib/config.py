@@ -30,6 +30,23 @@ UPDATES = ("learned", "gradient", "hybrid")
 MODEL_UPDATES = ("learned", "hybrid")
 SOLVER_NAMES = ("anderson", "fixed-point")
 SIMILARITIES = ("lncc", "mse", "mind")  # similarity.SIMILARITIES (a test keeps them equal)
+#: the linear alignment stage (alignment.py): how far it goes, and its similarities
+INITS = ("none", "center", "rigid", "affine")
+INIT_SIMILARITIES = ("lncc", "ncc", "mse", "mi")
+#: init_similarity when not given: a global measure matching the deformable stage's similarity
+INIT_SIMILARITY_FOR = {"lncc": "ncc", "mse": "mse", "mind": "ncc"}  # mi only when asked (multimodal preset)
+#: --preset: named bundles of settings for common cases; settings given beside a preset win over it.
+#: Each is measured in README.md ("Scans as users have them"); the Slicer panel offers them first.
+PRESETS = {
+    "brain-mri": dict(about="same-sequence brain MRI: affine alignment (global NCC), then LNCC (the defaults)",
+                      settings=dict(init="affine", init_similarity=None, similarity="lncc")),
+    "multimodal": dict(about="another contrast or scanner: rigid alignment by mutual information, then "
+                             "MIND-SSC",
+                       settings=dict(init="rigid", init_similarity="mi", similarity="mind")),
+    "lung-ct": dict(about="inhale/exhale CT of one patient, best with lung masks: rigid alignment (global NCC), "
+                          "then MIND-SSC",
+                    settings=dict(init="rigid", init_similarity="ncc", similarity="mind")),
+}
 NETWORKS = ("unet", "cnn")
 CONFIG_VERSION = 2
 
@@ -228,11 +245,15 @@ class Settings:
     pyramid: Optional[Sequence[int]] = None         # gradient: from the image size; a model: its own
     level_weights: Optional[Sequence[float]] = None  # split of max_steps over the pyramid (default equal)
     # the gradient (weight-free) operator; a model keeps what it was trained with
-    step_size: float = 1.0
-    diffusion_weight: float = 0.5
+    step_size: Optional[float] = None         # None: the similarity's own (SIMILARITY_OPERATOR_DEFAULTS)
+    diffusion_weight: Optional[float] = None  # None: the similarity's own
     sigma: float = 1.5
     window: int = 5
     similarity: str = "lncc"
+    # the linear alignment before the deformable stage (any update rule)
+    init: str = "affine"              # none | center | rigid | affine
+    init_similarity: Optional[str] = None  # lncc | ncc | mse | mi; None: INIT_SIMILARITY_FOR[similarity]
+    preset: Optional[str] = None      # the PRESETS entry these settings started from (recorded, see make_settings)
 
     def validate(self) -> "Settings":
         if self.update not in UPDATES:
@@ -253,9 +274,10 @@ class Settings:
             n = len(_check_pyramid(self.pyramid, "pyramid"))
         if self.level_weights is not None:
             _check_weights(self.level_weights, n, "level_weights")
-        if not (self.step_size > 0 and math.isfinite(self.step_size)):
+        if self.step_size is not None and not (self.step_size > 0 and math.isfinite(self.step_size)):
             raise InputError(f"step_size must be positive, got {self.step_size!r}")
-        if not (self.diffusion_weight >= 0 and math.isfinite(self.diffusion_weight)):
+        if self.diffusion_weight is not None and not (self.diffusion_weight >= 0
+                                                      and math.isfinite(self.diffusion_weight)):
             raise InputError(f"diffusion_weight must be >= 0, got {self.diffusion_weight!r}")
         if not (self.sigma >= 0 and math.isfinite(self.sigma)):
             raise InputError(f"sigma must be >= 0, got {self.sigma!r}")
@@ -263,12 +285,30 @@ class Settings:
             raise InputError(f"window must be an odd positive integer, got {self.window!r}")
         if self.similarity not in SIMILARITIES:
             raise InputError(f"unknown similarity {self.similarity!r}; choose one of {', '.join(SIMILARITIES)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise InputError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.init not in INITS:
+            raise InputError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.init_similarity is not None and self.init_similarity not in INIT_SIMILARITIES:
+            raise InputError(f"unknown init_similarity {self.init_similarity!r}; choose one of "
+                             f"{', '.join(INIT_SIMILARITIES)}")
         if self.update != "gradient":
             changed = [name for name in GRADIENT_OPERATOR_SETTINGS if getattr(self, name) != _DEFAULTS[name]]
             if changed:
                 raise InputError(f"{', '.join(changed)} set the gradient update; a {self.update} model keeps the "
                                  "values it was trained with")
         return self
+
+    def operator_value(self, name: str) -> float:
+        """``step_size`` or ``diffusion_weight`` as the gradient operator uses it: the setting, or the
+        similarity's own default (MIND-SSC's gradient is ~20x smaller than LNCC's: same balance, same speed)."""
+        value = getattr(self, name)
+        return float(SIMILARITY_OPERATOR_DEFAULTS[self.similarity][name] if value is None else value)
+
+    @property
+    def alignment_similarity(self) -> str:
+        """The similarity the alignment stage uses: ``init_similarity``, or the one matching ``similarity``."""
+        return self.init_similarity or INIT_SIMILARITY_FOR.get(self.similarity, "ncc")
 
     def as_dict(self) -> dict:
         """JSON-friendly copy (a model object is named by its class)."""
@@ -282,6 +322,11 @@ class Settings:
 
 
 GRADIENT_OPERATOR_SETTINGS = ("step_size", "diffusion_weight", "sigma", "window", "similarity")
+#: the gradient operator's step and diffusion weight per similarity when not given (README, "Scans as users
+#: have them": MIND measured on the contrast-changed OASIS pair; LNCC as before; MSE not re-tuned)
+SIMILARITY_OPERATOR_DEFAULTS = {"lncc": dict(step_size=1.0, diffusion_weight=0.5),
+                                "mse": dict(step_size=1.0, diffusion_weight=0.5),
+                                "mind": dict(step_size=4.0, diffusion_weight=0.02)}
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 #: the gradient mode's budget and tolerance when the caller gives none
 GRADIENT_MAX_STEPS = 120
@@ -299,13 +344,21 @@ def setting_names() -> List[str]:
 
 
 def make_settings(base: Optional[Settings] = None, **overrides) -> Settings:
-    """``base`` (or the defaults) with ``overrides``; unknown names raise, naming the valid ones."""
+    """``base`` (or the defaults) with ``overrides``; unknown names raise, naming the valid ones.
+
+    ``preset=NAME`` first applies ``PRESETS[NAME]``'s settings, then the other overrides (they win).
+    """
     unknown = sorted(set(overrides) - set(_DEFAULTS))
     if unknown:
         raise InputError(f"unknown setting(s) {', '.join(repr(u) for u in unknown)}; valid settings: "
                          f"{', '.join(setting_names())}")
     if base is not None and not isinstance(base, Settings):
         raise InputError(f"settings must be a DEQRegistrationLib.config.Settings, got {type(base).__name__}")
+    preset = overrides.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        overrides = {**PRESETS[preset]["settings"], **overrides}
     settings = replace(base or Settings(), **overrides)
     if _no_model(settings.model) and settings.model is not None:
         settings = replace(settings, model=None)

@@ -62,10 +62,11 @@ def plot_demo(path: Path, pair, result, metrics: Dict) -> Path:
     ax = axes[1, 2]
     steps = np.array([t["step"] for t in result.trace])
     res = np.array([t["residual"] for t in result.trace])
-    levels = np.array([t["level"] for t in result.trace])
-    for lev in np.unique(levels):
-        sel = levels == lev
-        ax.semilogy(steps[sel], res[sel], ".-", ms=3, label=f"level {lev + 1}")
+    levels = np.array([(t.get("stage", "deformable"), t["level"]) for t in result.trace], dtype=object)
+    for key in dict.fromkeys(map(tuple, levels)):
+        sel = np.array([tuple(v) == key for v in levels])
+        name = f"level {key[1] + 1}" if key[0] == "deformable" else f"alignment {key[1] + 1}"
+        ax.semilogy(steps[sel], res[sel], ".-", ms=3, label=name)
     ax.set_xlabel("solver step")
     ax.set_ylabel("relative residual ||f(z) - z|| / ||f(z)||")  # solvers.RESIDUAL_DEFINITION (without its floor)
     ax.set_title(f"convergence ({result.steps} steps, {result.seconds:.0f} s, {result.device})")

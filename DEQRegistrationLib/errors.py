@@ -12,3 +12,8 @@ class DEQRegError(Exception):
 
 class InputError(DEQRegError, ValueError):
     """The user's input cannot be registered; the message says why, in one line."""
+
+
+class AlignmentWarning(UserWarning):
+    """The linear alignment went wrong and was undone (the message says what was kept); the CLI prints
+    it as one ``deqreg: warning:`` line from metrics.json instead."""

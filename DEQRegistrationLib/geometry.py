@@ -51,6 +51,19 @@ def physical_field_to_voxel(disp_mm: np.ndarray, affine: np.ndarray, ndim: int) 
     return np.einsum("ar,...r->a...", inv, np.asarray(disp_mm, dtype=np.float64)).astype(np.float32)
 
 
+def pooled_affine(affine: np.ndarray, factor: int, ndim: int) -> np.ndarray:
+    """The voxel-to-RAS affine of a grid average-pooled by ``factor`` (``transforms.downsample_image``).
+
+    Coarse voxel c covers fine voxels factor * c ... factor * c + factor - 1,
+    so its centre is the fine position factor * c + (factor - 1) / 2.
+    """
+    scale = np.eye(4)
+    for a in range(ndim):
+        scale[a, a] = factor
+        scale[a, 3] = (factor - 1) / 2
+    return np.asarray(affine, dtype=np.float64) @ scale
+
+
 def ras_to_lps(vectors: np.ndarray) -> np.ndarray:
     """Flip the first two components of (..., 3) vectors or points (RAS <-> LPS)."""
     out = np.array(vectors, dtype=np.float64, copy=True)

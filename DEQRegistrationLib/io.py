@@ -202,6 +202,15 @@ def load_labels(path, like: Optional[Image] = None, what: str = "label map") -> 
     return out
 
 
+def load_mask(path, what: str = "mask") -> Image:
+    """Read a mask (label map or binary image) on its own grid; ``masks`` decides what is inside."""
+    raw, affine, _ = read_array(path, what)
+    raw = _spatial(raw, path, what)
+    from .masks import binary
+
+    return Image(binary(raw, f"{what} {path}"), np.asarray(affine, dtype=np.float64))
+
+
 # --- writing ------------------------------------------------------------------------
 
 
@@ -225,13 +234,53 @@ def _write(img, path: Path, compresslevel: Optional[int]) -> None:
     Level 0 stores the data in a valid gzip file without compressing it: float
     fields shrink by only 8-20 % at level 1, for seconds of CPU on a brain.
     """
-    if compresslevel is None or not str(path).endswith(".gz"):
-        img.to_filename(str(path))
+    if not str(path).endswith(".gz"):
+        with open(str(path), "wb") as fh:
+            _to_stream(img, fh)
         return
     import gzip
 
-    with gzip.GzipFile(str(path), "wb", compresslevel=int(compresslevel)) as fh:
+    with gzip.GzipFile(str(path), "wb", compresslevel=1 if compresslevel is None else int(compresslevel)) as fh:
+        _to_stream(img, fh)
+
+
+#: arrays of at least this many voxels are written in blocks of one (x, y) plane (``_to_stream``)
+STREAM_MIN_VOXELS = 1 << 22
+
+
+def _to_stream(img, fh, min_voxels: Optional[int] = None) -> None:
+    """Write a NIfTI-1 ``img`` (header, then data) to an open binary file, the bytes nibabel would write.
+
+    nibabel writes the data in slices along its slowest axis, which for a
+    displacement field (X, Y, Z, 1, 3) is one whole component at a time, and
+    copied more than once on the way (about 0.9 GB of temporaries for a
+    512x512x300 field). Large arrays without scaling are written here plane
+    by plane instead (1 MB at a time); the header is nibabel's own.
+    """
+    from nibabel.arraywriters import get_slope_inter, make_array_writer
+    from nibabel.volumeutils import seek_tell
+
+    data = np.asanyarray(img.dataobj)
+    limit = STREAM_MIN_VOXELS if min_voxels is None else min_voxels
+    if data.size < limit or data.ndim < 3:
         img.to_stream(fh)
+        return
+    img.get_data_dtype(finalize=True)
+    img.update_header()
+    hdr = img.header
+    out_dtype = hdr.get_data_dtype()
+    writer = make_array_writer(data, out_dtype, hdr.has_data_slope, hdr.has_data_intercept)
+    slope, inter = get_slope_inter(writer)
+    if not (slope in (1.0, None) or np.isnan(slope)) or not (inter in (0.0, None) or np.isnan(inter)):
+        img.to_stream(fh)  # scaled data: nibabel's own path
+        return
+    hdr.set_slope_inter(slope, inter)
+    hdr.write_to(fh)
+    seek_tell(fh, hdr.get_data_offset(), write0=True)
+    trailing = data.shape[2:]
+    for rev in np.ndindex(*trailing[::-1]):  # Fortran order: the first two axes fastest, the last slowest
+        plane = data[(slice(None), slice(None)) + rev[::-1]]
+        fh.write(np.ascontiguousarray(plane.T, dtype=out_dtype).tobytes())
 
 
 def _spatial_for_file(data: np.ndarray) -> np.ndarray:
@@ -283,8 +332,10 @@ def _label_dtype(labels: np.ndarray):
 def save_labels(labels, affine, path, compresslevel: Optional[int] = None) -> Path:
     """Write a label map with the smallest integer dtype that holds its labels (NIfTI, NRRD or MetaImage)."""
     path = Path(path)
-    labels = as_label_array(labels)
-    data = _spatial_for_file(labels.astype(_label_dtype(labels)))
+    labels = np.asarray(labels)
+    if labels.dtype not in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(bool)):
+        labels = as_label_array(labels)  # checked (integers, >= 0) as int32; small unsigned maps need no check
+    data = _spatial_for_file(labels.astype(_label_dtype(labels), copy=False))
     if _writer(path) == "itk":
         return formats.write(data, affine, path)
     img = _nifti(data, affine)
@@ -646,5 +697,5 @@ __all__ = [
     "load_image", "load_labels", "as_label_array", "save_image", "save_labels",
     "save_itk_displacement", "load_itk_displacement", "read_array", "output_name", "itk_displacement_to_voxel",
     "load_landmarks", "check_landmark_pair", "save_landmarks_csv", "ras_to_lps", "PointsFile", "read_points",
-    "write_points", "save_itk_affine", "load_itk_affine",
+    "write_points", "save_itk_affine", "load_itk_affine", "load_mask",
 ]

@@ -210,14 +210,17 @@ def std_log_jacobian_l2r(jac: np.ndarray, crop: int = 2) -> float:
 
 
 def target_registration_error(fixed_points: np.ndarray, moving_points: np.ndarray, disp: np.ndarray,
-                              fixed_affine: np.ndarray, moving_affine: np.ndarray) -> np.ndarray:
+                              fixed_affine: np.ndarray, moving_affine: np.ndarray,
+                              world: Optional[np.ndarray] = None) -> np.ndarray:
     """TRE in mm per landmark pair.
 
     ``fixed_points`` and ``moving_points`` are voxel coordinates (N, ndim) on
     their own grids. The field is sampled at the fixed points (linear), each
     point is carried to the moving image's physical space, and compared there
-    with its moving landmark: ||A_f (p + u(p)) - A_m q||. With identical
-    grids this is Learn2Reg's ||(p + u(p) - q) * spacing||.
+    with its moving landmark: ||W A_f (p + u(p)) - A_m q||, W the linear
+    alignment (fixed RAS -> moving RAS, applied after the field; None:
+    identity). With identical grids and no W this is Learn2Reg's
+    ||(p + u(p) - q) * spacing||.
     """
     from .geometry import voxel_to_physical_points
 
@@ -229,5 +232,8 @@ def target_registration_error(fixed_points: np.ndarray, moving_points: np.ndarra
     ndim = disp.shape[0]
     u = np.stack([ndimage.map_coordinates(disp[a], fixed_points.T, order=1, mode="nearest") for a in range(ndim)], 1)
     carried = voxel_to_physical_points(fixed_points + u, fixed_affine)
+    if world is not None:
+        world = np.asarray(world, dtype=np.float64)
+        carried = carried @ world[:3, :3].T + world[:3, 3]
     target = voxel_to_physical_points(moving_points, moving_affine)
     return np.linalg.norm(carried - target, axis=1)

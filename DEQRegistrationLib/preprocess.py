@@ -41,14 +41,19 @@ def to_tensor(data: np.ndarray, device, dtype=torch.float32) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(data), dtype=dtype, device=device)[None, None]
 
 
-def normalize_intensity(x: torch.Tensor, low: float = 0.5, high: float = 99.5) -> torch.Tensor:
-    """Map the [low, high] percentiles to [0, 1] and clip: robust to outliers and scanner scale."""
+def normalize_intensity(x: torch.Tensor, low: float = 0.5, high: float = 99.5, inplace: bool = False) -> torch.Tensor:
+    """Map the [low, high] percentiles to [0, 1] and clip: robust to outliers and scanner scale.
+
+    ``inplace`` overwrites ``x`` (the same numbers, no full-size temporaries).
+    """
     flat = x.flatten()
     if flat.numel() > 2_000_000:  # percentiles of a strided subsample are plenty
         flat = flat[:: flat.numel() // 1_000_000]
     lo, hi = torch.quantile(flat.float(), torch.tensor([low / 100, high / 100], device=x.device))
     if hi <= lo:
         lo, hi = flat.min(), flat.max()
+    if inplace:
+        return x.sub_(lo).div_((hi - lo).clamp_min(1e-12)).clamp_(0, 1)
     return ((x - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
 
 

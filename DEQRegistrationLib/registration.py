@@ -1,10 +1,14 @@
 """register(): the one entry point the CLI, the Slicer module and scripts share.
 
-Pipeline: check inputs -> resample moving into the fixed grid (``Sampler``)
-and normalise -> pad so every level divides exactly -> for each level of the
-plan (``levels``), coarse to fine, solve z = op(z) with the chosen root
-solver, upsampling the field between levels -> final field on the fixed grid
--> warp the *original* moving image once, through both affines.
+Pipeline: check inputs and map the masks onto their images' grids -> the
+linear alignment stage (``alignment``: a world transform W, fixed RAS ->
+moving RAS, itself solved as fixed-point problems) -> resample moving into the
+fixed grid through W (``Sampler``) and normalise -> pad so every level
+divides exactly -> for each level of the plan (``levels``), coarse to fine,
+solve z = op(z) with the chosen root solver, upsampling the field between
+levels -> final field on the fixed grid, composed with W into one
+displacement -> warp the *original* moving image once, through both affines,
+W and the field.
 """
 from __future__ import annotations
 
@@ -16,13 +20,14 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import metrics
+from . import chunked, masks, metrics
+from .alignment import Aligner, Alignment, identity as identity_alignment, planned_steps
 from .checkpoint import load_operator
 from .config import GRADIENT_ANDERSON_MEMORY, GRADIENT_MAX_STEPS, GRADIENT_TOL, ModelConfig, Settings, make_settings
-from .errors import InputError
+from .errors import AlignmentWarning, InputError
 from .geometry import ras_to_lps, voxel_field_to_physical
 from .image import Image
-from .levels import Level, auto_pyramid, plan_levels
+from .levels import Level, auto_pyramid, describe_rule, plan_levels
 from .operators import GradientUpdate, UpdateOperator
 from .preprocess import check_pair, normalize_intensity, pad_to_multiple, to_tensor
 from .sampling import Sampler
@@ -53,12 +58,16 @@ class Progress:
     n_levels: int
     residual: float
     seconds: float
+    stage: str = "deformable"  # "alignment" (the linear stage) or "deformable"
     _field: Callable[[], torch.Tensor] = field(repr=False, default=None)
     _sampler: Sampler = field(repr=False, default=None)
     _moving: torch.Tensor = field(repr=False, default=None)
+    _z: torch.Tensor = field(repr=False, default=None)   # the working-grid deformation and its factor (previews)
+    _factor: int = field(repr=False, default=1)
+    _world_sampler: Sampler = field(repr=False, default=None)  # through the current linear alignment W (previews)
 
     def displacement(self) -> np.ndarray:
-        """The current field, (ndim, *fixed.shape), fixed-grid voxel units."""
+        """The current transform as one field (alignment and deformation), (ndim, *fixed.shape), fixed voxels."""
         return self._field()[0].cpu().numpy()
 
     def warped(self) -> np.ndarray:
@@ -67,7 +76,20 @@ class Progress:
             return self._sampler.image(self._moving, self._field())[0, 0].cpu().numpy()
 
     def jacobian(self) -> np.ndarray:
-        return metrics.jacobian_determinant(self.displacement())
+        return chunked.jacobian_determinant(self.displacement())  # metrics' numbers, in slabs
+
+    def preview(self, region=None, max_voxels: Optional[int] = None):
+        """Warped image, Jacobian and field at a lattice of the fixed grid only (``preview.Preview``).
+
+        ``region``: one slice per fixed-grid axis (e.g. the displayed slices),
+        None for the whole grid; every axis is strided so at most
+        ``max_voxels`` voxels are computed. Costs a small fraction of a solver
+        step where ``warped()`` + ``jacobian()`` on a CT-sized grid cost more than one.
+        """
+        from .preview import DEFAULT_MAX_VOXELS, preview
+
+        return preview(self._z, self._factor, self._world_sampler, self._moving, region,
+                       DEFAULT_MAX_VOXELS if max_voxels is None else max_voxels)
 
     def warp_labels(self, labels: np.ndarray) -> np.ndarray:
         """A label map on the moving grid warped (nearest) by the current field: live Dice."""
@@ -77,11 +99,15 @@ class Progress:
 
 @dataclass
 class RegistrationResult:
-    warped: Image
+    """The transform found: x (fixed RAS) -> W (x + d(x)), the deformation ``displacement`` d first, then
+    the linear alignment ``world`` W, as ITK composes a displacement field and an affine (``apply``);
+    ``total_displacement()`` is both as one field."""
+
+    warped: Optional[Image]  # None (as jacobian) with register(..., field_only=True)
     displacement: np.ndarray
     fixed_affine: np.ndarray
     moving_affine: np.ndarray
-    jacobian: np.ndarray
+    jacobian: Optional[np.ndarray]
     trace: List[dict]
     steps: int
     converged: bool
@@ -93,15 +119,29 @@ class RegistrationResult:
     cancelled: bool = False
     warped_labels: Optional[np.ndarray] = None
     moving_shape: tuple = ()
+    world: np.ndarray = field(default_factory=lambda: np.eye(4))  # the linear part W: fixed RAS -> moving RAS
+    alignment: Optional[Alignment] = None  # how W was found (None: init none)
+    fixed_mask: Optional[np.ndarray] = None  # the fixed mask on the fixed grid (bool), when one was given
+
+    def world_lps(self) -> np.ndarray:
+        """W as ITK stores it (affine.tfm): fixed LPS -> moving LPS."""
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        return flip @ self.world @ flip
 
     def displacement_mm(self, lps: bool = False) -> np.ndarray:
-        """(*S, 3) physical displacement in RAS mm (LPS with lps=True)."""
+        """(*S, 3) physical displacement d in RAS mm (LPS with lps=True); W is not in it."""
         d = voxel_field_to_physical(self.displacement, self.fixed_affine)
         return ras_to_lps(d).astype(np.float32) if lps else d
 
+    def total_displacement(self) -> np.ndarray:
+        """The whole transform (d, then W) as one field, (ndim, *S) fixed voxels, with no world transform:
+        what a single grid transform (Slicer) needs."""
+        with torch.no_grad():
+            return self.sampler.composed_displacement(torch.as_tensor(self.displacement)[None])[0].numpy()
+
     @property
     def sampler(self) -> Sampler:
-        return Sampler(self.displacement.shape[1:], self.fixed_affine, self.moving_affine)
+        return Sampler(self.displacement.shape[1:], self.fixed_affine, self.moving_affine, world=self.world)
 
     def warp(self, data: np.ndarray, order: int = 1) -> np.ndarray:
         """Apply the result to another array on the moving grid: order 1 linear, 0 nearest (labels)."""
@@ -115,7 +155,8 @@ class RegistrationResult:
 def make_operator(settings: Settings, ndim: int) -> Tuple[UpdateOperator, Optional[ModelConfig]]:
     """The update operator ``settings`` asks for, and the config of a trained one."""
     if settings.update == "gradient":
-        op = GradientUpdate(step_size=settings.step_size, diffusion_weight=settings.diffusion_weight,
+        op = GradientUpdate(step_size=settings.operator_value("step_size"),
+                            diffusion_weight=settings.operator_value("diffusion_weight"),
                             sigma=settings.sigma, window=settings.window, similarity=settings.similarity)
         return op, None
     model = "default" if settings.model is None else settings.model
@@ -138,22 +179,35 @@ class Plan:
     levels: List[Level]
     multiple: int  # every working grid must divide by this (the U-Net's)
     solver_options: dict = field(default_factory=dict)  # passed to the solver (gradient mode: Anderson's memory)
+    grid: Optional[dict] = None  # fixed grid and where the pyramid came from (``levels.describe_rule``): metrics.json
 
     @property
     def max_steps(self) -> int:
         return sum(level.steps for level in self.levels)
 
     def as_dict(self) -> dict:
-        return dict(solver=self.solver, tol=self.tol, max_steps=self.max_steps,
-                    solver_options=dict(self.solver_options),
-                    levels=[dict(factor=lv.factor, steps=lv.steps) for lv in self.levels])
+        out = dict(solver=self.solver, tol=self.tol, max_steps=self.max_steps,
+                   solver_options=dict(self.solver_options),
+                   levels=[dict(factor=lv.factor, steps=lv.steps) for lv in self.levels])
+        if self.grid is not None:
+            shape, spacing = self.grid["shape"], self.grid["spacing_mm"]
+            for lv in out["levels"]:  # the working grid (before padding) and its voxel size
+                lv["shape"] = [-(-n // lv["factor"]) for n in shape]
+                lv["spacing_mm"] = [round(s * lv["factor"], 4) for s in spacing]
+            out["pyramid_rule"] = dict(self.grid)
+        return out
 
 
-def make_plan(settings: Settings, op: UpdateOperator, config: Optional[ModelConfig], shape) -> Plan:
-    """Settings first, then the model's stored values, then the mode's defaults."""
+def make_plan(settings: Settings, op: UpdateOperator, config: Optional[ModelConfig], shape,
+              spacing=None) -> Plan:
+    """Settings first, then the model's stored values, then the mode's defaults.
+
+    ``spacing`` (mm per array axis of the fixed grid) lets the gradient mode
+    plan its pyramid by physical size (``levels.auto_pyramid``).
+    """
     if settings.update == "gradient":
         defaults = dict(solver="anderson", max_steps=GRADIENT_MAX_STEPS, tol=GRADIENT_TOL,
-                        pyramid=auto_pyramid(shape), level_weights=None)
+                        pyramid=auto_pyramid(shape, spacing), level_weights=None)
     elif config is not None:
         defaults = dict(solver=config.solver, max_steps=config.max_steps, tol=config.tol,
                         pyramid=config.pyramid, level_weights=config.level_weights)
@@ -173,13 +227,22 @@ def make_plan(settings: Settings, op: UpdateOperator, config: Optional[ModelConf
     levels = plan_levels(pyramid, int(pick("max_steps")), weights)
     solver = pick("solver")
     options = dict(memory=GRADIENT_ANDERSON_MEMORY) if settings.update == "gradient" and solver == "anderson" else {}
-    return Plan(solver=solver, tol=float(pick("tol")), levels=levels, multiple=op.multiple, solver_options=options)
+    grid = None
+    if spacing is not None:
+        source = ("settings" if settings.pyramid is not None else "model" if settings.update != "gradient"
+                  else "auto")
+        grid = dict(shape=[int(n) for n in shape], spacing_mm=[round(float(v), 4) for v in spacing], source=source)
+        if source == "auto":
+            grid.update(describe_rule(shape, spacing))
+    return Plan(solver=solver, tol=float(pick("tol")), levels=levels,
+                multiple=op.multiple, solver_options=options, grid=grid)
 
 
 def register(fixed: Image, moving: Image, settings: Optional[Settings] = None, *,
              callback: Optional[Callable[[Progress], Optional[bool]]] = None,
              moving_labels: Optional[np.ndarray] = None,
              on_fallback: Optional[Callable[[str], None]] = None,
+             fixed_mask=None, moving_mask=None, field_only: bool = False,
              **overrides) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; see docs/API.md for every setting and field.
 
@@ -190,16 +253,30 @@ def register(fixed: Image, moving: Image, settings: Optional[Settings] = None, *
     memory and ``settings.cpu_fallback`` is on, the whole registration reruns
     on the CPU: ``on_fallback(message)`` is called first (the callback then
     sees step 1 again).
+
+    ``fixed_mask`` / ``moving_mask``: the voxels the similarity may use, each a
+    label map or binary array on its image's grid or an ``Image`` on its own
+    grid (``masks``). The fixed mask weights the fixed grid; the moving mask is
+    carried into it through the linear alignment. ``field_only``: the result's
+    warped image, Jacobian and warped labels are left None (a caller that
+    derives them from the saved field itself, like the CLI, saves their time
+    and memory).
     """
     settings = make_settings(settings, **overrides)
     check_pair(fixed, moving)
     if moving_labels is not None and np.shape(moving_labels) != moving.shape:
         raise InputError(f"moving label map shape {np.shape(moving_labels)} does not match the moving image "
                          f"{moving.shape}")
+    fixed_mask = masks.on_grid(fixed_mask, fixed, "fixed mask")
+    moving_mask = masks.on_grid(moving_mask, moving, "moving mask")
+    if (fixed_mask is not None or moving_mask is not None) and settings.update != "gradient":
+        raise InputError(f"masks weight the gradient update's similarity; the {settings.update} update's "
+                         "network has no mask input (use --model none, or no mask)")
     device = resolve_device(settings.device)
 
     def run(dev):
-        return _Registration(fixed, moving, settings, dev, callback, moving_labels).run()
+        return _Registration(fixed, moving, settings, dev, callback, moving_labels, fixed_mask, moving_mask,
+                             field_only).run()
 
     return run_with_cpu_fallback(run, device, settings.cpu_fallback, on_fallback)
 
@@ -225,54 +302,138 @@ class _Registration:
     """One run of the pipeline on one device; ``run()`` returns the result."""
 
     def __init__(self, fixed: Image, moving: Image, settings: Settings, device: torch.device,
-                 callback, moving_labels):
+                 callback, moving_labels, fixed_mask=None, moving_mask=None, field_only: bool = False):
         self.fixed, self.moving, self.settings, self.device = fixed, moving, settings, device
-        self.callback, self.moving_labels = callback, moving_labels
+        self.callback, self.moving_labels, self.field_only = callback, moving_labels, field_only
+        self.fixed_mask, self.moving_mask = fixed_mask, moving_mask
         op, config = make_operator(settings, fixed.ndim)
         self.op = op.to(device)
-        self.plan = make_plan(settings, op, config, fixed.shape)
-        self.sampler = Sampler.between(fixed, moving)
+        self.plan = make_plan(settings, op, config, fixed.shape, fixed.spacing)
+        self.align_steps = planned_steps(settings.init, fixed.shape)
+        self.base_sampler = Sampler.between(fixed, moving)  # no linear part: composed fields go through it
+        self.sampler = self.base_sampler                    # through W once the alignment has run
         self.moving_t = to_tensor(moving.data.astype(np.float32, copy=False), device)
         self.trace: List[dict] = []
         self.t0 = time.perf_counter()
+        # each mask on its own grid, before any work (the product is checked again once W is known)
+        multiple = max(level.factor for level in self.plan.levels) * self.plan.multiple
+        for what, mask in (("the fixed mask", fixed_mask), ("the moving mask", moving_mask)):
+            if mask is not None:
+                padded, _ = pad_to_multiple(to_tensor(mask.astype(np.float32), "cpu"), multiple)
+                masks.check_levels(padded, [level.factor for level in self.plan.levels], what)
 
-    def _prepare(self) -> Tuple[torch.Tensor, torch.Tensor, tuple]:
-        """Normalised fixed and moving-in-fixed images, padded so every level divides; the crop undoing it."""
+    def _prepare(self) -> Tuple[list, tuple]:
+        """Every level's (fixed, moving, weight) triple, normalised and padded so every level divides; the
+        crop undoing it.
+
+        One full-resolution image at a time, normalised in place and dropped
+        once its levels are pooled: the solve keeps only the working grids.
+        The weight (None: every voxel) is the fixed mask times the moving mask
+        carried into the fixed grid through W (not through the field, so the
+        weight is fixed while the solver runs); padding has weight 0.
+        """
+        multiple = max(level.factor for level in self.plan.levels) * self.plan.multiple
         with torch.no_grad():
-            fixed_n = normalize_intensity(to_tensor(self.fixed.data.astype(np.float32, copy=False), self.device))
-            moving_n = normalize_intensity(self.sampler.image(self.moving_t))
-            multiple = max(level.factor for level in self.plan.levels) * self.plan.multiple
+            fixed_t = to_tensor(self.fixed.data.astype(np.float32, copy=False), self.device)
+            fixed_n = normalize_intensity(fixed_t.clone() if fixed_t.data_ptr() == self._data_ptr(self.fixed)
+                                          else fixed_t, inplace=True)
+            del fixed_t
             fixed_p, crop = pad_to_multiple(fixed_n, multiple)
+            del fixed_n
+            fixed_levels = [downsample_image(fixed_p, lv.factor) for lv in self.plan.levels]
+            del fixed_p
+            moving_n = normalize_intensity(self.sampler.image(self.moving_t), inplace=True)
             moving_p, _ = pad_to_multiple(moving_n, multiple)
-        return fixed_p, moving_p, crop
+            del moving_n
+            moving_levels = [downsample_image(moving_p, lv.factor) for lv in self.plan.levels]
+            del moving_p
+            weight = None
+            if self.fixed_mask is not None:
+                weight = to_tensor(self.fixed_mask.astype(np.float32), self.device)
+            if self.moving_mask is not None:
+                carried = torch.as_tensor(self.sampler.labels(self.moving_mask.astype(np.uint8)) > 0,
+                                          dtype=torch.float32, device=self.device)[None, None]
+                weight = carried if weight is None else weight * carried
+            weight_levels = [None] * len(self.plan.levels)
+            if weight is not None:
+                weight_p, _ = pad_to_multiple(weight, multiple)  # zero padding: outside counts for nothing
+                masks.check_levels(weight_p, [level.factor for level in self.plan.levels],
+                                   "the masks (fixed mask and moving mask carried into the fixed grid)")
+                weight_levels = [downsample_image(weight_p, lv.factor) for lv in self.plan.levels]
+        return list(zip(fixed_levels, moving_levels, weight_levels)), crop
+
+    @staticmethod
+    def _data_ptr(image: Image) -> int:
+        data = image.data
+        return data.__array_interface__["data"][0] if isinstance(data, np.ndarray) else -1
 
     def _full(self, z: torch.Tensor, factor: int) -> torch.Tensor:
         """A working-grid state's field (its first ndim channels) as a field on the whole fixed grid."""
         return upsample_field(z[:, : self.fixed.ndim], factor)[self.crop]
 
-    def _on_step(self, level_index: int, factor: int, residual: float, z: torch.Tensor) -> bool:
+    def _report(self, stage: str, level_index: int, n_levels: int, residual: float, full_field,
+                world_sampler: Sampler, z: Optional[torch.Tensor] = None, factor: int = 1) -> bool:
+        """Record one step of either stage and show it to the callback; True: stop.
+
+        ``full_field`` makes the whole transform as one field (for ``Progress.displacement``); ``z`` (the
+        working-grid deformation, None in the alignment stage) and ``world_sampler`` (through the current
+        W) serve ``Progress.preview`` without building the full field."""
         step = len(self.trace) + 1
         seconds = time.perf_counter() - self.t0
-        self.trace.append(dict(step=step, level=level_index, residual=residual, seconds=seconds))
+        self.trace.append(dict(step=step, stage=stage, level=level_index, residual=residual, seconds=seconds))
         if self.callback is None:
             return False
-        progress = Progress(step, self.plan.max_steps, level_index, len(self.plan.levels), residual, seconds,
-                            _field=lambda: self._full(z, factor), _sampler=self.sampler, _moving=self.moving_t)
+        # the deformable stage's budget after the alignment's planned (then actual) steps
+        done = sum(row["stage"] == "alignment" for row in self.trace)
+        total = (self.align_steps if stage == "alignment" else done) + self.plan.max_steps
+        progress = Progress(step, total, level_index, n_levels, residual, seconds,
+                            stage, _field=full_field, _sampler=self.base_sampler, _moving=self.moving_t,
+                            _z=z, _factor=factor, _world_sampler=world_sampler)
         return bool(self.callback(progress))
+
+    def _on_step(self, level_index: int, factor: int, residual: float, z: torch.Tensor) -> bool:
+        return self._report("deformable", level_index, len(self.plan.levels), residual,
+                            lambda: self.sampler.composed_displacement(self._full(z, factor)), self.sampler,
+                            z[:, : self.fixed.ndim], factor)
+
+    def _on_alignment_step(self, kind: str, level_index: int, n_levels: int, residual: float, W: np.ndarray) -> bool:
+        sampler = Sampler.between(self.fixed, self.moving, W)
+
+        def full_field():
+            with torch.no_grad():
+                return sampler.composed_displacement().to(self.device)
+
+        return self._report("alignment", level_index, n_levels, residual, full_field, sampler)
+
+    def _align(self) -> Alignment:
+        if self.settings.init == "none":
+            return identity_alignment()
+        aligner = Aligner(self.fixed, self.moving, self.settings.init, self.settings.alignment_similarity,
+                          self.fixed_mask, self.moving_mask, self.device, callback=self._on_alignment_step)
+        result = aligner.run()
+        if result.message:
+            warnings.warn(result.message, AlignmentWarning)
+        return result
 
     def run(self) -> RegistrationResult:
         ndim = self.fixed.ndim
-        fixed_p, moving_p, self.crop = self._prepare()
+        self.alignment = self._align()
+        self.sampler = Sampler.between(self.fixed, self.moving, self.alignment.matrix)
+        pyramid, self.crop = self._prepare()
+        if self.alignment.stopped:  # cancelled during the alignment: the transform reached, no deformation
+            return self._result(np.zeros((ndim, *self.fixed.shape), np.float32), False, True)
         z, prev, converged, stopped = None, None, False, False
         spare = 0  # steps a level left unused (it converged early) go to the next one: the total stays the budget
         for index, level in enumerate(self.plan.levels):
             with torch.no_grad():
-                fl = downsample_image(fixed_p, level.factor)
-                ml = downsample_image(moving_p, level.factor)
+                fl, ml, wl = pyramid[index]
+                pyramid[index] = None
                 # the state: the field (+ a recurrent model's hidden state); each level runs its own operator
+                op = self.op.for_level(index)
+                if wl is not None:
+                    op = (lambda zz, f_, m_, op=op, wl=wl: op(zz, f_, m_, weight=wl))
                 z = (torch.zeros(1, self.op.state_channels(ndim), *fl.shape[2:], device=self.device) if z is None
                      else upsample_field(z, prev // level.factor))
-                op = self.op.for_level(index)
                 res = solve(lambda zz: op(zz, fl, ml), z, self.plan.solver, max_steps=level.steps + spare,
                             tol=self.plan.tol, **self.plan.solver_options,
                             callback=lambda _, r, zc, i=index, f=level.factor: self._on_step(i, f, r, zc))
@@ -281,18 +442,26 @@ class _Registration:
             if res.stopped:
                 stopped = True
                 break
-        return self._result(self._full(z, prev), converged, stopped)
+        del pyramid, fl, ml, wl
+        # the final field straight into a float32 array on the fixed grid, slab by slab (``chunked``)
+        disp_np = chunked.upsample_field_into(z[:, :ndim], prev, self.fixed.shape)  # a recurrent model's hidden state dropped
+        del z, res
+        return self._result(disp_np, converged, stopped)
 
-    def _result(self, disp: torch.Tensor, converged: bool, stopped: bool) -> RegistrationResult:
-        with torch.no_grad():
-            warped = self.sampler.image(self.moving_t, disp)[0, 0].cpu().numpy()
-            jacobian = jacobian_determinant(disp)[0].cpu().numpy()
-        disp_np = disp[0].cpu().numpy().astype(np.float32)
-        warped_labels = None
-        if self.moving_labels is not None:
-            warped_labels = self.sampler.labels(np.asarray(self.moving_labels), disp_np)
+    def _result(self, disp_np: np.ndarray, converged: bool, stopped: bool) -> RegistrationResult:
+        warped = jacobian = warped_labels = None
+        if not self.field_only:
+            with torch.no_grad():
+                disp = torch.from_numpy(disp_np)[None].to(self.device)
+                warped = Image(self.sampler.image(self.moving_t, disp)[0, 0].cpu().numpy().astype(np.float32, copy=False),
+                               self.fixed.affine.copy())
+                jacobian = chunked.jacobian_determinant(disp, fn=jacobian_determinant)[0].cpu().numpy()
+                del disp
+            if self.moving_labels is not None:
+                warped_labels = self.sampler.labels(np.asarray(self.moving_labels), disp_np)
+        deformable = [row for row in self.trace if row["stage"] == "deformable"]
         return RegistrationResult(
-            warped=Image(warped.astype(np.float32), self.fixed.affine.copy()),
+            warped=warped,
             displacement=disp_np,
             fixed_affine=self.fixed.affine.copy(),
             moving_affine=self.moving.affine.copy(),
@@ -300,7 +469,7 @@ class _Registration:
             trace=self.trace,
             steps=len(self.trace),
             converged=bool(converged),
-            final_residual=float(self.trace[-1]["residual"]) if self.trace else float("nan"),
+            final_residual=float(deformable[-1]["residual"]) if deformable else float("nan"),
             seconds=time.perf_counter() - self.t0,
             device=str(self.device),
             settings=self.settings,
@@ -308,4 +477,7 @@ class _Registration:
             cancelled=stopped,
             warped_labels=warped_labels,
             moving_shape=tuple(self.moving.shape),
+            world=np.asarray(self.alignment.matrix, dtype=np.float64).copy(),
+            alignment=None if self.settings.init == "none" else self.alignment,
+            fixed_mask=self.fixed_mask,
         )

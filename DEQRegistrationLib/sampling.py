@@ -25,7 +25,8 @@ from .transforms import identity_grid, sample
 
 Array = Union[np.ndarray, torch.Tensor]
 #: coordinates computed at once, at most (a slab of the fixed grid otherwise): bounds memory on big volumes
-DEFAULT_CHUNK_VOXELS = 1 << 24
+#: (a slab costs about 50 bytes a voxel in coordinates and grids; the result does not depend on it)
+DEFAULT_CHUNK_VOXELS = 1 << 21
 
 
 class Sampler:
@@ -63,12 +64,58 @@ class Sampler:
             offset = torch.zeros(self.ndim, dtype=dtype, device=grid.device)
             offset[0] = rows.start
             grid = grid + offset.view(1, -1, *([1] * self.ndim))
-        p = grid if disp is None else grid + disp[:, :, rows]
+        return self.map_voxels(grid if disp is None else grid + disp[:, :, rows])
+
+    def map_voxels(self, p: torch.Tensor) -> torch.Tensor:
+        """Moving voxel coordinates of fixed voxel coordinates ``p`` (1, ndim, ...): the one matrix product."""
         if self.identity:
             return p
-        A = torch.as_tensor(self.matrix, dtype=dtype, device=p.device)
+        A = torch.as_tensor(self.matrix, dtype=p.dtype, device=p.device)
         nd = self.ndim
-        return torch.einsum("ab,nb...->na...", A[:nd, :nd], p) + A[:nd, nd].view(1, nd, *([1] * nd))
+        return torch.einsum("ab,nb...->na...", A[:nd, :nd], p) + A[:nd, nd].view(1, nd, *([1] * (p.dim() - 2)))
+
+    def coords_through(self, world: torch.Tensor, points: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Moving voxel coordinates of fixed voxels through a linear world transform (no field).
+
+        ``world`` is a 4x4 torch tensor (fixed RAS -> moving RAS) that may carry
+        gradients: the linear alignment stage differentiates its similarity
+        through it (``self.world`` is not used). Every fixed voxel: (1, ndim, *S);
+        ``points`` (N, ndim) fixed voxel coordinates: (1, ndim, N, 1[, 1]), a shape
+        ``transforms.sample`` takes.
+        """
+        dtype, device = world.dtype, world.device
+        inv_m = torch.as_tensor(np.linalg.inv(self.moving_affine), dtype=dtype, device=device)
+        fa = torch.as_tensor(self.fixed_affine, dtype=dtype, device=device)
+        keep = list(range(self.ndim)) + [3]
+        A = (inv_m @ world @ fa)[keep][:, keep]
+        nd = self.ndim
+        if points is None:
+            grid = identity_grid(self.fixed_shape, device, dtype)
+        else:
+            grid = points.to(device=device, dtype=dtype).T.reshape(1, nd, -1, *([1] * (nd - 1)))
+        return torch.einsum("ab,nb...->na...", A[:nd, :nd], grid) + A[:nd, nd].view(1, nd, *([1] * nd))
+
+    def composed_displacement(self, disp: Optional[torch.Tensor] = None, dtype=torch.float32) -> torch.Tensor:
+        """The field u_c, fixed voxel units, that maps like ``world`` and ``disp`` together with no world.
+
+        F (p + u_c(p)) = W F (p + u(p)), so ``Sampler(shape, F, M)`` with u_c
+        samples exactly what this sampler samples with ``disp``: one field file
+        then holds the linear alignment and the deformation. ``disp`` is
+        (B, ndim, *S) torch (None: the linear part alone, as a field of ``dtype``).
+        """
+        full = np.linalg.inv(self.fixed_affine) @ self.world @ self.fixed_affine
+        keep = list(range(self.ndim)) + [3]
+        K = full[np.ix_(keep, keep)]
+        dtype = disp.dtype if disp is not None else dtype
+        device = disp.device if disp is not None else None
+        grid = identity_grid(self.fixed_shape, device, dtype)
+        p = grid if disp is None else grid + disp
+        nd = self.ndim
+        A = torch.as_tensor(K, dtype=torch.float64, device=grid.device)
+        # (K - I) p + k: in float64 so a tiny rotation of a large grid keeps its precision
+        lin = (A[:nd, :nd] - torch.eye(nd, dtype=torch.float64, device=grid.device)).to(dtype)
+        out = torch.einsum("ab,nb...->na...", lin, p) + A[:nd, nd].to(dtype).view(1, nd, *([1] * nd))
+        return out if disp is None else out + disp
 
     # --- sampling ----------------------------------------------------------------------
 
@@ -111,14 +158,20 @@ class Sampler:
         per_row = int(np.prod(self.fixed_shape[1:])) if self.ndim > 1 else 1
         step = max(1, int(chunk_voxels) // max(per_row, 1))
         n0 = self.fixed_shape[0]
-        parts = []
+        out = None  # slabs are written into the output as they come (no list of parts, no concatenation)
         for start in range(0, n0, step):
             rows = slice(start, min(n0, start + step))
             c = self.coords(d, rows, device=x.device, dtype=x.dtype)
             if c.shape[0] != x.shape[0]:
                 c = c.expand(x.shape[0], *c.shape[1:])
-            parts.append(sample(x, c, mode=mode, padding_mode=padding))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+            part = sample(x, c, mode=mode, padding_mode=padding)
+            del c
+            if step >= n0:
+                out = part
+                break
+            if out is None:
+                out = part.new_empty(part.shape[:2] + self.fixed_shape)
+            out[:, :, rows] = part
         if not as_numpy:
             return out
         out = out[0, 0].cpu().numpy()

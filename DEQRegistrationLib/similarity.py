@@ -363,6 +363,60 @@ class MINDSSC(Similarity):
         return total, d if weight is None else d * weight
 
 
+# --- global measures (the linear alignment stage) ------------------------------------------
+
+
+def _wmean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def global_ncc(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted normalised cross-correlation of two whole images (a scalar in [-1, 1]); differentiable.
+
+    One window over everything: robust to a global intensity scale and offset,
+    and smooth over large motions, which is what a linear alignment needs."""
+    ma, mb = _wmean(a, weight), _wmean(b, weight)
+    cov = _wmean((a - ma) * (b - mb), weight)
+    var = _wmean((a - ma) ** 2, weight) * _wmean((b - mb) ** 2, weight)
+    return cov / var.clamp_min(1e-12).sqrt()
+
+
+def _joint_histogram(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, bins: int) -> torch.Tensor:
+    """Weighted joint histogram of intensities in [0, 1] with linear (tent) bin weights, summing to 1.
+
+    Every sample adds to 2 x 2 bins, so the cost is O(N), not O(N x bins) as
+    with a Gaussian window on each sample; the histogram is then smoothed by a
+    Gaussian of one bin (the Parzen window). Differentiable in both inputs.
+    """
+    from .operators import gaussian_smooth  # operators imports this module
+
+    def split(x):
+        u = x.clamp(0, 1) * (bins - 1)
+        lower = u.detach().floor().clamp(max=bins - 2)
+        return lower.long(), u - lower
+
+    ia, fa = split(a)
+    ib, fb = split(b)
+    joint = torch.zeros(bins * bins, dtype=b.dtype, device=b.device)
+    for da, wa in ((0, 1 - fa), (1, fa)):
+        for db, wb in ((0, 1 - fb), (1, fb)):
+            joint = joint.index_add(0, (ia + da) * bins + ib + db, w * wa * wb)
+    joint = gaussian_smooth(joint.view(1, 1, bins, bins), 1.0)[0, 0]
+    return joint / joint.sum().clamp_min(1e-12)
+
+
+def mutual_information(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bins: int = 32) -> torch.Tensor:
+    """Weighted mutual information of two intensity arrays in [0, 1] (Parzen-smoothed joint histogram).
+
+    For pairs whose intensities are related by any function (other contrasts):
+    global, so used by the linear stage; the deformable stage uses MIND-SSC."""
+    keep = weight.flatten() > 0
+    joint = _joint_histogram(a.flatten()[keep], b.flatten()[keep], weight.flatten()[keep], bins)
+    ma, mb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    eps = 1e-10
+    return (joint * (torch.log(joint + eps) - torch.log(ma * mb + eps))).sum()
+
+
 SIMILARITIES = {"lncc": LNCC, "mse": MSE, "mind": MINDSSC}
 
 

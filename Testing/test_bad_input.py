@@ -80,13 +80,32 @@ def _bad_cases(tmp_path, pair3d):
     cases["bad max steps"] = ([f, m, "--max-steps", "0"], "positive integer")
     cases["bad tol"] = ([f, m, "--tol", "nan"], "positive number")
     cases["bad solver"] = ([f, m, "--solver", "newton"], "invalid choice")
+    # masks (issue 12): each refused before any work
+    A = np.diag([1.5, 1.5, 1.5, 1.0])
+    far = A.copy()
+    far[:3, 3] = 1000.0
+    cases["mask off the grid"] = ([f, m, "--fixed-mask", _make(tmp_path, "far.nii.gz", np.ones((24, 24, 24)), far,
+                                                                np.uint8)], "does not overlap")
+    cases["empty mask"] = ([f, m, "--moving-mask", _make(tmp_path, "e.nii.gz", np.zeros((24, 24, 24)), A,
+                                                         np.uint8)], "is empty")
+    tiny = np.zeros((24, 24, 24), np.uint8)
+    tiny[10:12, 10:12, 10:12] = 1
+    cases["mask gone at a level"] = ([f, m, "--fixed-mask", _make(tmp_path, "tiny.nii.gz", tiny, A)],
+                                     "voxel(s) at pyramid level")
+    cases["2D mask for 3D"] = ([f, m, "--fixed-mask", _make(tmp_path, "m2.nii.gz", np.ones((24, 24, 1)), A,
+                                                            np.uint8)], "cannot be mapped")
+    cases["unknown similarity"] = ([f, m, "--similarity", "ssd"], "invalid choice")
+    cases["unknown preset"] = ([f, m, "--preset", "knee"], "invalid choice")
+    cases["unknown init"] = ([f, m, "--init", "deformable"], "invalid choice")
     return cases
 
 
 CASE_NAMES = ["missing fixed", "missing moving", "corrupt file", "not an image", "folder", "4D", "2D vs 3D",
               "constant", "all zero", "NaN", "inf", "single voxel axis", "non-integer labels", "label shape",
               "negative labels", "one seg only", "landmark count", "landmark columns", "landmark text",
-              "missing model", "learned without model", "bad max steps", "bad tol", "bad solver"]
+              "missing model", "learned without model", "bad max steps", "bad tol", "bad solver",
+              "mask off the grid", "empty mask", "mask gone at a level", "2D mask for 3D", "unknown similarity",
+              "unknown preset", "unknown init"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
@@ -174,3 +193,25 @@ def test_cuda_requested_without_gpu(tmp_path, pair3d, capsys):
     out = tmp_path / "out"
     code, err = _run(capsys, ["register", pair3d["fixed"], pair3d["moving"], "--device", "cuda", "--out", out])
     _assert_one_line_error(code, err, out, "no CUDA GPU is available")
+
+
+def test_a_diverging_alignment_is_reported_and_the_identity_kept(tmp_path, pair3d, capsys, monkeypatch):
+    """The alignment stage returns NaN (simulated): one warning line, the identity kept, finite outputs."""
+    import json
+
+    import torch
+
+    from DEQRegistrationLib import alignment
+
+    def diverge(self, kind, T, levels):
+        return torch.full_like(T, float("nan"))
+
+    monkeypatch.setattr(alignment.Aligner, "_stage", diverge)
+    out = tmp_path / "out"
+    code, err = _run(capsys, ["register", pair3d["fixed"], pair3d["moving"], "--out", out, "--max-steps", "3"])
+    warnings = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("deqreg:")]
+    assert code == 0 and warnings == ["deqreg: warning: the rigid alignment stage diverged (non-finite result); "
+                                      "kept the identity"], err
+    m = json.loads((out / "metrics.json").read_text())
+    assert "Warning" not in err and m["affine"] == np.eye(4).tolist() and m["folding_percent"] is not None
+    assert not (out / "affine.tfm").exists()  # the identity: the field alone is the transform

@@ -13,7 +13,7 @@ from DEQRegistrationLib import cli
 from DEQRegistrationLib.cli import main
 
 OUTPUTS = {"warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "folding_mask.nii.gz", "warped_seg.nii.gz",
-           "convergence.csv", "metrics.json", "transform.json"}
+           "convergence.csv", "metrics.json", "transform.json", "affine.tfm"}  # affine.tfm: the alignment moved
 METRIC_KEYS = {"dice_before", "dice_mean", "dice_per_label", "hd95", "folding_percent", "std_log_jacobian",
                "tre_mm", "tre_before_mm", "steps", "converged", "final_residual", "seconds", "device", "settings", "plan"}
 
@@ -88,24 +88,25 @@ def test_output_files_formats(run3d):
 
     with open(out / "convergence.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["step", "level", "residual", "seconds"]
-    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    assert list(rows[0]) == ["step", "stage", "level", "residual", "seconds"]
+    assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
+    stages = [r["stage"] for r in rows]
+    assert stages.count("deformable") == 12 and stages == sorted(stages)  # alignment steps first
     secs = [float(r["seconds"]) for r in rows]
     assert secs == sorted(secs)
 
 
 def test_displacement_matches_warped_labels(run3d):
-    """The ITK file, read back to voxels, reproduces warped_seg.nii.gz: the written field is the one used."""
+    """The ITK files (field, then affine.tfm), read back, reproduce warped_seg.nii.gz: they are the ones used."""
     from DEQRegistrationLib import io
-    from DEQRegistrationLib.transforms import warp
-    import torch
+    from DEQRegistrationLib.sampling import Sampler
 
     out = run3d["out"]
     lps, aff = io.load_itk_displacement(out / "displacement.nii.gz")
     u = io.itk_displacement_to_voxel(lps, aff)
-    moving_seg = io.load_labels(run3d["paths"]["moving_seg"]).data
-    ours = warp(torch.as_tensor(moving_seg, dtype=torch.float32)[None, None], torch.as_tensor(u)[None],
-                mode="nearest", padding_mode="zeros")[0, 0].numpy()
+    W = io.load_itk_affine(out / "affine.tfm")
+    moving = io.load_labels(run3d["paths"]["moving_seg"])
+    ours = Sampler(moving.shape, aff, moving.affine, world=W).labels(moving.data, u)
     written = np.asarray(nib.load(str(out / "warped_seg.nii.gz")).dataobj)
     assert np.mean(ours == written) > 0.999
 
@@ -187,7 +188,9 @@ def test_progress_bar_on_stderr(pair2d, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["register", str(pair2d["fixed"]), str(pair2d["moving"]), "--out", str(out), "--max-steps", "4"]) == 0
     captured = capsys.readouterr()
-    assert "residual" in captured.err and "4/4" in captured.err
+    m = json.loads((out / "metrics.json").read_text())
+    total = m["steps"] + m["alignment_steps"]
+    assert m["steps"] == 4 and "residual" in captured.err and f"{total}/{total}" in captured.err
     assert "level" not in captured.out and "wrote" in captured.out
 
 

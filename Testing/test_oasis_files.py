@@ -78,7 +78,8 @@ def runs(shared_data, tmp_path_factory):
         paths = {role: _write(folder, role, data, aff, fmt, labels=role.endswith("seg"))
                  for role, (data, aff) in vols.items()}
         argv = ["register", paths["fixed"], paths["moving"], "--fixed-seg", paths["fixed_seg"], "--moving-seg",
-                paths["moving_seg"], "--out", folder / "out", "--max-steps", STEPS, "--device", "cpu"]
+                paths["moving_seg"], "--out", folder / "out", "--max-steps", STEPS, "--device", "cpu",
+                "--init", "none"]  # the field's files and conventions; test_alignment covers affine.tfm
         argv += {"nii": ["--inverse"], "nrrd": ["--format", "nrrd"]}.get(fmt, [])
         assert main([str(a) for a in argv]) == 0, fmt
         out[fmt] = dict(paths=paths, out=folder / "out", vols=vols)

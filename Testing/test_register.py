@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from DEQRegistrationLib import Image, InputError, register
-from DEQRegistrationLib.geometry import voxel_to_physical_points
+from DEQRegistrationLib.geometry import voxel_field_to_physical, voxel_to_physical_points
 
 from conftest import oblique_affine
 
@@ -46,7 +46,7 @@ def test_known_translation_recovered_in_mm_on_oblique_anisotropic_grids():
     fixed = Image(render(fshape, Af), Af)
     moving = Image(render(mshape, Am, shift_mm=t), Am)
     res = register(fixed, moving, update="gradient", max_steps=150, device="cpu", pyramid=(2, 1))
-    d = res.displacement_mm()
+    d = voxel_field_to_physical(res.total_displacement(), Af)  # the alignment, then the deformation
     core = d[6:-6, 6:-6, 5:-5].reshape(-1, 3)
     np.testing.assert_allclose(np.median(core, axis=0), t, atol=0.3)
     # the result is the moving image resampled at the mapped points: it matches fixed
@@ -54,7 +54,7 @@ def test_known_translation_recovered_in_mm_on_oblique_anisotropic_grids():
     err_after = np.abs(res.warped.data - fixed.data)[6:-6, 6:-6, 5:-5].mean()
     assert err_after < 0.35 * err_before
     # LPS is RAS with the first two components flipped
-    np.testing.assert_allclose(res.displacement_mm(lps=True)[..., :2], -d[..., :2])
+    np.testing.assert_allclose(res.displacement_mm(lps=True)[..., :2], -res.displacement_mm()[..., :2])
 
 
 def textured(shape, seed=0):
@@ -76,7 +76,7 @@ def test_2d_registration_recovers_a_known_smooth_deformation():
     true = torch.cat([2.0 * torch.sin(g[:, 1:] / 9.0), 1.5 * torch.cos(g[:, :1] / 11.0)], 1)
     # moving(x + true(x)) == fixed(x): build moving by sampling fixed at the inverse map (approximately x - true)
     moving = warp(torch.as_tensor(fixed)[None, None], -true)[0, 0].numpy()
-    res = register(Image(fixed, np.eye(4)), Image(moving, np.eye(4)), max_steps=90, device="cpu")
+    res = register(Image(fixed, np.eye(4)), Image(moving, np.eye(4)), max_steps=90, device="cpu", init="none")
     inner = (slice(6, -6), slice(6, -6))
     assert np.abs(res.warped.data - fixed)[inner].mean() < 0.35 * np.abs(moving - fixed)[inner].mean()
     err = np.linalg.norm(res.displacement - true[0].numpy(), axis=0)[inner]
@@ -98,7 +98,8 @@ def test_callback_cancel_keeps_last_state_as_result():
         seen.append((p.step, p.displacement(), p.warped()))
         return p.step == 7
 
-    res = register(Image(f, np.eye(4)), Image(m, np.eye(4)), max_steps=100, tol=0, callback=cb, device="cpu")
+    res = register(Image(f, np.eye(4)), Image(m, np.eye(4)), max_steps=100, tol=0, callback=cb, device="cpu",
+                   init="none")  # the deformable stage's steps alone (test_alignment: cancel during alignment)
     assert res.cancelled and res.steps == 7 and not res.converged
     assert [s for s, _, _ in seen] == list(range(1, 8))
     np.testing.assert_allclose(res.displacement, seen[-1][1], atol=1e-6)
@@ -161,8 +162,9 @@ def test_unknown_or_inconsistent_settings_are_refused_by_name(kwargs, match):
 def test_max_steps_below_the_number_of_levels_runs_exactly_that_many():
     img = Image(textured((48, 48)), np.eye(4))
     seen = []
+    # the deformable stage's plan alone (init none: no alignment steps before it)
     res = register(img, Image(np.roll(img.data, 1, 0), np.eye(4)), max_steps=1, tol=0, pyramid=(4, 2, 1),
-                   device="cpu", callback=lambda p: seen.append((p.step, p.max_steps, p.n_levels)))
+                   device="cpu", init="none", callback=lambda p: seen.append((p.step, p.max_steps, p.n_levels)))
     assert res.steps == 1 and seen == [(1, 1, 1)]
     assert res.plan.max_steps == 1 and [lv.factor for lv in res.plan.levels] == [4]
     assert res.displacement.shape == (2, 48, 48)
@@ -191,7 +193,8 @@ def test_cpu_fallback_reruns_on_the_cpu_and_tells_the_caller(monkeypatch):
     monkeypatch.setattr(registration, "to_tensor", lambda data, device, dtype=torch.float32: to_tensor(data, "cpu", dtype))
     with pytest.warns(UserWarning, match="out of memory"):
         res = register(img, Image(np.roll(img.data, 1, 0), np.eye(4)), max_steps=3, on_fallback=told.append)
-    assert devices == ["cuda", "cpu"] and res.device == "cpu" and res.steps == 3
+    deformable = [row for row in res.trace if row["stage"] == "deformable"]
+    assert devices == ["cuda", "cpu"] and res.device == "cpu" and len(deformable) == 3
     assert told == ["GPU out of memory; registering on the CPU instead"]
     with pytest.raises(torch.cuda.OutOfMemoryError):
         register(img, img, max_steps=3, cpu_fallback=False)

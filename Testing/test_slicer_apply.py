@@ -58,9 +58,24 @@ def both(tmp_path_factory):
                                   "--device", "cpu"]]) == 0
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
-    outputs = RegistrationLogic(scene).register(_load(scene, fixed), _load(scene, moving), maxSteps=STEPS,
+    outputs = RegistrationLogic(scene).register(_load(scene, fixed), _load(scene, moving), max_steps=STEPS,
                                                 device="cpu")
     return dict(dir=d, out=d / "out", fixed=fixed, moving=moving, scene=scene, node=outputs.transform)
+
+
+def _total_ras(both):
+    """The saved transform (displacement.nii.gz, then affine.tfm) as one RAS field on the fixed grid."""
+    import torch
+
+    from DEQRegistrationLib.apply import load
+    from DEQRegistrationLib.geometry import voxel_field_to_physical
+    from DEQRegistrationLib.sampling import Sampler
+
+    fixed = io.load_image(both["fixed"])
+    t = load(both["out"], fixed)
+    sampler = Sampler(fixed.shape, fixed.affine, t.moving.affine, world=t.world)
+    total = sampler.composed_displacement(torch.as_tensor(t.displacement, dtype=torch.float64)[None])[0].numpy()
+    return voxel_field_to_physical(total, fixed.affine)
 
 
 def test_grid_transform_holds_the_saved_field(both):
@@ -78,9 +93,10 @@ def test_grid_transform_holds_the_saved_field(both):
     np.testing.assert_allclose(_matrix(tf.GetGridDirectionMatrix())[:3, :3], fixed_affine[:3, :3] / spacing,
                                atol=1e-9)
     ras = slicer.util.arrayFromGridTransform(node).transpose(2, 1, 0, 3)
-    lps, _ = io.load_itk_displacement(both["out"] / "displacement.nii.gz")
-    assert np.abs(lps).max() > 0.5  # a real deformation
-    np.testing.assert_array_equal(ras, lps * np.array([-1, -1, 1], np.float32))
+    # the node holds the whole transform as one field; the saved result is the field, then affine.tfm
+    assert np.abs(ras).max() > 0.5  # a real deformation
+    # 2e-3 mm (0.15 % of a voxel): the module composes W into its float32 field, the files keep them apart
+    np.testing.assert_allclose(ras, _total_ras(both), atol=2e-3)
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz"])
@@ -93,7 +109,7 @@ def test_slicer_saved_transform_applies_like_the_result(both, tmp_path, suffix):
                                   both["fixed"], "--out", tmp_path / "w.nii.gz"]]) == 0
     got = io.load_image(tmp_path / "w.nii.gz").data
     want = io.load_image(both["out"] / "warped.nii.gz").data
-    assert np.abs(got - want).max() <= 1e-5
+    assert np.abs(got - want).max() <= 1e-4  # one composed field vs field then affine: float32 rounding
 
 
 def test_slicer_maps_landmarks_where_apply_does(both, tmp_path):
@@ -108,4 +124,4 @@ def test_slicer_maps_landmarks_where_apply_does(both, tmp_path):
     moved = io.read_points(tmp_path / "q.fcsv").points
     tf = both["node"].GetTransformFromParent()
     for x, y in zip(ras, moved):
-        np.testing.assert_allclose(tf.TransformPoint(*x), y, atol=1e-4)
+        np.testing.assert_allclose(tf.TransformPoint(*x), y, atol=1e-3)

@@ -1,9 +1,13 @@
 """MRML conversions of the Slicer module, on real MRML from the slicer-core wheel (no Slicer app).
 
-Covers axis order and geometry (oblique, anisotropic, 2D, linear and
-non-linear parent transforms), the grid transform's RAS mapping and events,
-label maps and segmentations, the folding colour table, the plot table and
-the parameter node surviving a scene save/load.
+Covers axis order and geometry (oblique, anisotropic, 2D), parent transforms
+(none, linear, non-linear) on the reference volume and on label maps and
+segmentations, every combination checked against where the labels are shown
+in world coordinates (issue 9, defect 2); no node left behind by a
+segmentation export (defect 8); the grid transform's RAS mapping and events;
+the folding colour table; the plot table; the parameter node (its one mapping
+to the library's settings, a scene save/load, the old "UpdateMode" name, the
+auto-selected fixed volume never being a label map).
 """
 import os
 import sys
@@ -139,6 +143,86 @@ def test_labelmap_on_another_grid_is_resampled_nearest():
     assert out[3, 3, 3] == 4 and out[8, 8, 8] == 0
 
 
+# --- parent transforms on label maps, segmentations and their reference volume (issue 9, defect 2) -----------
+
+GRID_SHAPE = (22, 24, 26)  # (k, j, i)
+GRID_AFFINE = testing.oblique_affine((1.5, 1.3, 1.7), 15.0, (-16.0, -14.0, -18.0))
+LABEL_CENTRES = np.array([[-3.0, 2.0, 1.0], [5.0, -4.0, -2.0]])
+
+
+def world_labels(points):
+    """Two labelled balls in world (RAS) coordinates: the truth every arrangement must reproduce."""
+    out = np.zeros(len(points), np.int16)
+    for value, centre in enumerate(LABEL_CENTRES, start=1):
+        out[np.linalg.norm(points - centre, axis=1) < 4.5] = value
+    return out
+
+
+def non_hierarchy_nodes(scene):
+    """Node IDs, without the subject hierarchy (a singleton Slicer always has; a bare scene gets it on first use)."""
+    nodes = (scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes()))
+    return {n.GetID() for n in nodes if not n.IsA("vtkMRMLSubjectHierarchyNode")}
+
+
+def labels_node(kind, scene):
+    """A label map (on its own grid, not the reference's) or a segmentation made from it."""
+    A = testing.oblique_affine((1.2, 1.1, 1.4), -10.0, (-15.0, -16.0, -14.0), axis=(0.6, 0.1, 0.8))
+    shape = (26, 28, 24)
+    arr = world_labels(testing.ras_grid(shape, A)).reshape(shape)
+    lab = slicer.util.addVolumeFromArray(arr, A, "labels", "vtkMRMLLabelMapVolumeNode")
+    if kind == "labelmap":
+        return lab
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lab, seg)
+    scene.RemoveNode(lab)
+    return seg
+
+
+@pytest.mark.parametrize("kind", ["labelmap", "segmentation"])
+@pytest.mark.parametrize("labels_parent", ["none", "linear", "nonlinear"])
+@pytest.mark.parametrize("reference_parent", ["none", "linear", "nonlinear"])
+def test_labels_land_where_they_are_shown(scene, kind, labels_parent, reference_parent):
+    """Labels on the reference volume's library grid equal the world truth at that grid's voxels."""
+    ref = slicer.util.addVolumeFromArray(np.zeros(GRID_SHAPE, np.float32), GRID_AFFINE, "reference")
+    testing.put_under_transform(ref, reference_parent, scene)
+    labels = labels_node(kind, scene)
+    testing.put_under_transform(labels, labels_parent, scene)
+    data, affine = mrml.volume_to_library(ref)
+    nodes = non_hierarchy_nodes(scene)
+    out = mrml.labels_to_library(labels, ref, data.shape, affine)
+    assert non_hierarchy_nodes(scene) == nodes  # nothing left behind (defect 8)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), -1).reshape(-1, 3)
+    truth = world_labels((affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T).reshape(data.shape)
+    for value in (1, 2):
+        assert (out == value).sum() > 0.5 * (truth == value).sum(), (value, (out == value).sum())
+        got = (affine @ np.r_[np.argwhere(out == value).mean(0), 1.0])[:3]
+        np.testing.assert_allclose(got, LABEL_CENTRES[value - 1], atol=0.7)  # a 5 mm error would show
+    assert np.mean(out == truth) > 0.97
+
+
+def test_volume_under_parent_transform_is_read_where_shown(scene):
+    f = testing.blob_function([[2.0, -3.0, 1.0], [-6.0, 4.0, -2.0]], 4.0)
+    for kind in ("linear", "nonlinear"):
+        node = testing.add_sampled_volume(f, GRID_SHAPE, GRID_AFFINE, kind)
+        testing.put_under_transform(node, kind, scene)
+        data, affine = mrml.volume_to_library(node)
+        ijk = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), -1).reshape(-1, 3)
+        pts = (affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
+        inside = data.reshape(-1) > 0.05  # the hardened copy pads outside the original grid with zeros
+        np.testing.assert_allclose(data.reshape(-1)[inside], f(pts)[inside], atol=0.05)
+
+
+def test_segmentation_export_leaves_no_node_behind(scene):
+    """Issue 9 (8): every export used to leave a '*_ColorTable' node in the scene."""
+    vol = slicer.util.addVolumeFromArray(np.zeros(GRID_SHAPE, np.float32), GRID_AFFINE, "vol")
+    seg = labels_node("segmentation", scene)
+    before = non_hierarchy_nodes(scene)
+    for _ in range(3):
+        mrml.labels_to_library(seg, vol, GRID_SHAPE[::-1], GRID_AFFINE)
+    after = non_hierarchy_nodes(scene)
+    assert after == before, [scene.GetNodeByID(i).GetName() for i in after - before]
+
+
 def test_segmentations_get_matching_values_by_name():
     A = np.diag([1.0, 1.0, 1.0, 1.0])
     vol = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8), np.float32), A, "vol")
@@ -192,6 +276,8 @@ def test_plot_table_rows_and_series():
     np.testing.assert_allclose(slicer.util.arrayFromTableColumn(trace, "residual"), [1, 0.5, 1 / 3, 0.25, 0.2])
     series = chart.GetNthPlotSeriesNode(0)
     assert series.GetXColumnName() == "step" and series.GetTableNode() is trace
+    # the curves are named in the axis title, not in a legend that would cover Dice (0.5-1, the top of the axis)
+    assert not chart.GetLegendVisibility() and "Dice (orange)" in chart.GetYAxisTitle()
 
 
 def test_parameter_node_survives_scene_save_and_load(scene):
@@ -200,7 +286,9 @@ def test_parameter_node_survives_scene_save_and_load(scene):
     p.set("MaxSteps", 48)
     p.set("Tolerance", 2.5e-4)
     p.set("Solver", "fixed-point")
-    p.set("UpdateMode", "hybrid")
+    p.set("Update", "hybrid")
+    p.set("Pyramid", "4, 2, 1")
+    p.set("CpuFallback", False)
     p.setNode("FixedVolume", vol)
     with pytest.raises(ValueError):
         p.set("Solver", "newton")
@@ -215,8 +303,70 @@ def test_parameter_node_survives_scene_save_and_load(scene):
     node = loaded.GetFirstNodeByClass("vtkMRMLScriptedModuleNode")
     q = ParameterNode(node)
     assert q.get("MaxSteps") == 48 and q.get("Tolerance") == pytest.approx(2.5e-4)
-    assert q.get("Solver") == "fixed-point" and q.get("UpdateMode") == "hybrid"
+    assert q.get("Solver") == "fixed-point" and q.get("Update") == "hybrid"
     assert q.get("RefreshEvery") == 5
     assert q.getNode("FixedVolume").GetName() == "fixedVol"
-    kw = q.registrationKwargs()
-    assert kw["maxSteps"] == 48 and kw["model"] == "default" and kw["solver"] == "fixed-point"
+    assert q.get("CpuFallback") is False and q.get("Pyramid") == "4, 2, 1"
+    assert q.settings() == {"update": "hybrid", "max_steps": 48, "tol": 2.5e-4, "solver": "fixed-point",
+                            "device": "auto", "model": "default", "pyramid": [4, 2, 1], "cpu_fallback": False}
+
+
+def test_parameter_node_maps_to_the_library_settings_in_one_place(scene):
+    """Every parameter with a setting maps to a real Settings field; choices are the library's; auto values drop."""
+    pytest.importorskip("torch")
+    from DEQRegistrationLib import config
+    from DEQRegistrationSlicerLib import parameters as P
+    fields = set(config.setting_names())
+    assert {p.setting for p in P.PARAMETERS if p.setting} <= fields
+    assert set(P.UPDATES) == set(config.UPDATES) and set(P.SOLVERS) == set(config.SOLVER_NAMES)
+    assert set(P.SIMILARITIES) == set(config.SIMILARITIES)
+    defaults = config.Settings()
+    for p in P.PARAMETERS:
+        if p.setting and p.auto is None:
+            assert p.default == getattr(defaults, p.setting), p.name  # the panel's default is the library's
+    q = ParameterNode.create(scene)
+    assert config.make_settings(**q.settings()) == config.make_settings()  # defaults == library defaults
+    q.set("Similarity", "mse")
+    q.set("DiffusionWeight", 1.5)
+    q.set("MaxSteps", 30)
+    s = config.make_settings(**q.settings())
+    assert (s.similarity, s.diffusion_weight, s.max_steps) == ("mse", 1.5, 30)
+    q.set("Update", "learned")  # a model keeps its own similarity and smoothness: not passed
+    assert config.make_settings(**q.settings()).similarity == "lncc"
+    assert q.settings()["model"] == "default"
+    q.set("Model", "file")
+    q.set("ModelPath", "/some/model.pt")
+    assert q.settings()["model"] == "/some/model.pt"
+    with pytest.raises(ValueError, match="Similarity must be one of"):
+        q.set("Similarity", "mi")
+    # the rows the module builds its own widgets for reach Settings too
+    q.set("Update", "gradient")
+    for name, value in (("Similarity", "mind"), ("Window", 7), ("StepSize", 0.5), ("Sigma", 2.0),
+                        ("Pyramid", "2,1"), ("LevelWeights", "1, 3"), ("CpuFallback", False)):
+        q.set(name, value)
+    s = config.make_settings(**q.settings())
+    assert (s.similarity, s.window, s.step_size, s.sigma, list(s.pyramid), list(s.level_weights), s.cpu_fallback) \
+        == ("mind", 7, 0.5, 2.0, [2, 1], [1, 3], False)
+    q.set("Pyramid", "4, x")
+    with pytest.raises(ValueError, match="Pyramid must be numbers"):
+        q.settings()
+
+
+def test_old_scenes_update_mode_is_read_as_update(scene):
+    node = slicer.vtkMRMLScriptedModuleNode()
+    node.SetParameter("UpdateMode", "learned")
+    scene.AddNode(node)
+    p = ParameterNode(node)
+    p.setDefaults()
+    assert p.get("Update") == "learned" and not node.GetParameter("UpdateMode")
+
+
+def test_auto_selected_fixed_volume_is_never_a_label_map_or_an_output(scene):
+    """Issue 9 (11): the first scalar volume of the scene used to be taken, label maps included."""
+    slicer.util.addVolumeFromArray(np.zeros((2, 2, 2), np.int16), np.eye(4), "labels", "vtkMRMLLabelMapVolumeNode")
+    out = slicer.util.addVolumeFromArray(np.zeros((2, 2, 2), np.float32), np.eye(4), "old warped")
+    out.SetAttribute("DEQReg.output", "outputVolume")
+    image = slicer.util.addVolumeFromArray(np.zeros((2, 2, 2), np.float32), np.eye(4), "image")
+    p = ParameterNode.create(scene)
+    assert p.selectDefaultInputs(scene) is image and p.getNode("FixedVolume") is image
+    assert p.selectDefaultInputs(scene) is None  # a selection is kept

@@ -1,68 +1,211 @@
-"""Registration on MRML nodes: inputs to the library, live display, outputs.
+"""Registration on MRML nodes: checks, inputs to the library, output nodes, and the run.
 
-``RegistrationLogic.register`` is what the module's Register button and
-scripted users call. It never modifies an input node, creates or reuses the
-output nodes, updates them in place every ``refreshEvery`` solver steps
-while ``DEQRegistrationLib.register()`` runs, and finally writes exactly the
-library's result into them. GUI responsiveness comes from ``processEvents``,
-called once per solver step; it is injected (``slicer.app.processEvents`` in
-Slicer) so that this file needs no Qt and tests can count the calls.
+``RegistrationLogic.start`` is what the module's Register button calls and
+``RegistrationLogic.register`` what scripts call (it waits). Both go through
+the same steps, each a small function:
+
+1. ``readInputs``: the input nodes as library images and label maps, in
+   world (RAS) coordinates, parent transforms included (no node is left in
+   the scene, no input is modified);
+2. ``checkSettings``: the library's ``Settings`` (unknown names refused),
+   the model, loaded once to check it exists for the images' dimension, and
+   the step budget of the library's level plan;
+3. ``checkOutputs``: the given output nodes must be of the right class, not
+   inputs, and not a transform an input is shown through;
+4. ``prepareOutputs``: outputs created or reused (never the result of
+   another fixed/moving pair), named after the pair, tables and plot set up;
+5. ``RegistrationRun`` (``run.py``): the solve in a worker thread, the scene
+   written on the main thread.
+
+Steps 1 to 3 create nothing, so a refused registration leaves the scene as it
+was. Torch and ``DEQRegistrationLib`` are imported only inside these
+functions (never at module load).
 """
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
 from . import mrml
+from .run import DICE_COLUMNS, TRACE_COLUMNS, Inputs, OutputNodes, RegistrationOutputs, RegistrationRun  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class RegistrationOutputs:
-    """The nodes a registration wrote, plus the library result they came from."""
-    warpedVolume: object
-    transform: object
-    foldingMap: object
-    chart: object
-    traceTable: object
-    diceTable: object = None
-    result: object = None
-    dice: Optional[float] = None
-    initialDice: Optional[float] = None
-    foldingPercent: Optional[float] = None
-    device: str = ""
-    messages: list = field(default_factory=list)
+OUTPUT_CLASSES = {"outputVolume": "vtkMRMLScalarVolumeNode", "outputTransform": "vtkMRMLGridTransformNode",
+                  "outputFolding": "vtkMRMLScalarVolumeNode", "outputChart": "vtkMRMLPlotChartNode"}
+OUTPUT_ROLE_ATTRIBUTE = "DEQReg.output"
+PAIR_ATTRIBUTES = ("DEQReg.fixed", "DEQReg.moving")
 
 
-def _format_seconds(s: float) -> str:
-    s = max(0.0, float(s))
-    return f"{s:.1f} s" if s < 60 else f"{int(s // 60)} min {int(s % 60):02d} s"
+def _input_error(message):
+    from DEQRegistrationLib.errors import InputError
+    return InputError(message)
 
 
-def status_text(progress, elapsed: float) -> str:
-    """One status line: step, residual, elapsed time and an estimate of the rest.
+# --- 1. inputs -------------------------------------------------------------------------------------------
 
-    The estimate assumes the whole step budget is used; the solver usually
-    stops earlier when it converges, so it is an upper bound.
+
+def readInputs(scene, fixedVolumeNode, movingVolumeNode, fixedLabelsNode=None, movingLabelsNode=None) -> Inputs:
+    """The input nodes as the library sees them: world geometry, labels on their volume's grid."""
+    from DEQRegistrationLib.image import Image
+    for role, node in (("fixed", fixedVolumeNode), ("moving", movingVolumeNode)):
+        if node is None:
+            raise _input_error("select a fixed and a moving volume")
+        if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise _input_error(f"the {role} volume '{node.GetName()}' is not an intensity volume")
+        if node.GetImageData() is None:
+            raise _input_error(f"the {role} volume '{node.GetName()}' has no image data")
+    if (fixedLabelsNode is None) != (movingLabelsNode is None):
+        raise _input_error("give both fixed and moving labels (or neither) to report Dice")
+    fixed_data, fixed_affine = mrml.volume_to_library(fixedVolumeNode, scene)
+    moving_data, moving_affine = mrml.volume_to_library(movingVolumeNode, scene)
+    inputs = Inputs(fixedVolumeNode, movingVolumeNode, fixedLabelsNode, movingLabelsNode,
+                    Image(fixed_data.astype(np.float32, copy=False), fixed_affine),
+                    Image(moving_data.astype(np.float32, copy=False), moving_affine))
+    if fixedLabelsNode is not None:
+        order = mrml.segment_names(fixedLabelsNode) if fixedLabelsNode.IsA("vtkMRMLSegmentationNode") else None
+        inputs.fixedLabels = mrml.labels_to_library(fixedLabelsNode, fixedVolumeNode, fixed_data.shape,
+                                                    fixed_affine, order, scene)
+        inputs.movingLabels = mrml.labels_to_library(movingLabelsNode, movingVolumeNode, moving_data.shape,
+                                                     moving_affine, order, scene)
+    return inputs
+
+
+# --- 2. settings -------------------------------------------------------------------------------------------
+
+
+def checkSettings(inputs: Inputs, settings=None, messages=None, **overrides):
+    """(the library's ``Settings``, the step budget it gives); the model is loaded once, so a missing or
+    mismatched one is refused now, and the level plan is the library's (``make_plan``)."""
+    import torch
+    from DEQRegistrationLib.config import make_settings
+    from DEQRegistrationLib.registration import make_operator, make_plan
+    if overrides.get("device", getattr(settings, "device", "auto")) in ("cuda", "gpu") \
+            and not torch.cuda.is_available():
+        if messages is not None:
+            messages.append("No CUDA GPU available: running on the CPU.")
+        overrides["device"] = "cpu"
+    result = make_settings(settings, **overrides)
+    op, config = make_operator(result, inputs.fixed.ndim)
+    return result, make_plan(result, op, config, inputs.fixed.shape).max_steps
+
+
+# --- 3. outputs: checks -------------------------------------------------------------------------------------
+
+
+def _transform_chain(node):
+    """The transform nodes a node is shown through, nearest first."""
+    chain = []
+    parent = node.GetParentTransformNode() if node is not None else None
+    while parent is not None and parent not in chain:
+        chain.append(parent)
+        parent = parent.GetParentTransformNode()
+    return chain
+
+
+def checkOutputs(inputs: Inputs, outputs: dict):
+    """Refuse output nodes of the wrong class, inputs, one node for two outputs, and transforms an input uses.
+
+    An input shown through the output transform would be read through the
+    transform that the run then overwrites: the result would be silently
+    wrong, so it is refused (choose another output transform, or none).
     """
-    step, total = progress.step, progress.max_steps
-    text = f"Step {step}/{total}, level {progress.level + 1}/{progress.n_levels}, " \
-           f"residual {progress.residual:.2e}, {_format_seconds(elapsed)} elapsed"
-    if total and step:
-        text += f", at most {_format_seconds(elapsed / step * max(total - step, 0))} left"
-    return text
+    given = {key: node for key, node in outputs.items() if node is not None}
+    for key, node in given.items():
+        if any(node is n or node.GetID() == n.GetID() for n in inputs.nodes):
+            raise _input_error(f"output '{node.GetName()}' is an input: choose another output node")
+        if not node.IsA(OUTPUT_CLASSES[key]):
+            raise _input_error(f"output '{node.GetName()}' is not a {OUTPUT_CLASSES[key]}")
+    ids = [node.GetID() for node in given.values()]
+    if len(set(ids)) != len(ids):
+        raise _input_error("the same node is selected for two outputs")
+    transform = given.get("outputTransform")
+    if transform is not None:
+        for node in inputs.nodes:
+            if transform in _transform_chain(node):
+                raise _input_error(
+                    f"the output transform '{transform.GetName()}' is applied to the input '{node.GetName()}': "
+                    "registering would read the input through the transform it then overwrites. Choose another "
+                    "output transform (or none, to create one), or remove the transform from the input first")
+
+
+# --- 4. outputs: created or reused ------------------------------------------------------------------------
+
+
+def _pair_of(node):
+    return tuple(node.GetAttribute(a) for a in PAIR_ATTRIBUTES)
+
+
+def prepareOutputs(scene, inputs: Inputs, outputs: dict, messages: list, maxSteps=None) -> OutputNodes:
+    """Output nodes: the given ones, or new ones named after the pair; each marked with its pair and role.
+
+    A given node that holds the result of another fixed/moving pair is left
+    as it is and a new node is made instead (a rerun after changing the
+    inputs must not overwrite the previous pair's results under their names).
+    """
+    fixed, moving = inputs.fixedNode, inputs.movingNode
+    pair = (fixed.GetID(), moving.GetID())
+    base = f"{moving.GetName()} to {fixed.GetName()}"
+    names = {"outputVolume": f"{moving.GetName()} warped", "outputTransform": base,
+             "outputFolding": f"{base} folding map", "outputChart": f"{base} convergence"}
+
+    def output(key):
+        node = outputs.get(key)
+        if node is not None and _pair_of(node) not in (pair, (None, None)):
+            messages.append(f"'{node.GetName()}' holds the result of another pair: the result of {base} goes "
+                            f"into a new node")
+            node = None
+        if node is None:
+            node = scene.AddNewNodeByClass(OUTPUT_CLASSES[key], scene.GenerateUniqueName(names[key]))
+        for attribute, value in zip(PAIR_ATTRIBUTES, pair):
+            node.SetAttribute(attribute, value)
+        node.SetAttribute(OUTPUT_ROLE_ATTRIBUTE, key)
+        if key != "outputChart":
+            node.SetAndObserveTransformNodeID(None)  # outputs are in world coordinates
+        return node
+
+    nodes = OutputNodes(output("outputVolume"), output("outputTransform"), output("outputFolding"),
+                        output("outputChart"), None)
+    nodes.traceTable, nodes.diceTable = _tables(scene, nodes.chart, base, with_dice=inputs.fixedLabels is not None)
+    mrml.setup_plot(scene, nodes.chart, nodes.traceTable, nodes.diceTable)
+    if maxSteps:  # the whole budget from the start: the curves grow to the right
+        nodes.chart.SetXAxisRangeAuto(False)
+        nodes.chart.SetXAxisRange(0, maxSteps)
+    # the identity state, so the views and the transform are valid before the first refresh
+    shape, affine = inputs.fixed.shape, inputs.fixed.affine
+    mrml.update_volume(nodes.warpedVolume, np.zeros(shape, np.float32), affine)
+    mrml.update_grid_transform(nodes.transform, np.zeros(tuple(shape) + (3,), np.float32), affine)
+    mrml.update_volume(nodes.foldingMap, np.ones(shape, np.float32), affine)
+    mrml.show_folding_colors(nodes.foldingMap)
+    if nodes.warpedVolume.GetDisplayNode() is None:
+        nodes.warpedVolume.CreateDefaultDisplayNodes()
+    return nodes
+
+
+def _tables(scene, chartNode, base, with_dice):
+    def table(role, name, columns):
+        node = chartNode.GetNodeReference(role)
+        if node is None or node.GetScene() is None:
+            node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+            chartNode.SetNodeReferenceID(role, node.GetID())
+        mrml.reset_table(node, columns)
+        return node
+
+    trace = table("DEQRegTraceTable", f"{base} trace", TRACE_COLUMNS)
+    dice = table("DEQRegDiceTable", f"{base} Dice", DICE_COLUMNS) if with_dice else None
+    return trace, dice
+
+
+# --- the logic --------------------------------------------------------------------------------------------
 
 
 class RegistrationLogic:
     """Qt-free registration logic on a MRML scene.
 
-    processEvents: called once per solver step (keeps a GUI responsive).
-    statusCallback(text, fraction): progress for a status line / bar.
+    processEvents: called while ``register`` waits (keeps a GUI responsive).
+    statusCallback(text, fraction): progress for a status line / bar (main thread).
     """
 
     def __init__(self, scene=None, processEvents: Optional[Callable[[], None]] = None,
@@ -70,193 +213,64 @@ class RegistrationLogic:
         self._scene = scene
         self.processEvents = processEvents or (lambda: None)
         self.statusCallback = statusCallback or (lambda text, fraction: None)
-        self._cancelRequested = False
-        self.isRunning = False
+        self.run: Optional[RegistrationRun] = None
 
     @property
     def scene(self):
         import slicer
         return self._scene if self._scene is not None else slicer.mrmlScene
 
+    @property
+    def isRunning(self) -> bool:
+        """True from ``start`` until the run's last ``poll``: the one place this is known."""
+        return self.run is not None and not self.run.finished
+
     def cancel(self):
         """Ask a running registration to stop after the current step; its state is kept."""
-        self._cancelRequested = True
+        if self.isRunning:
+            self.run.cancel()
 
-    # --- output nodes -------------------------------------------------------------------
+    def start(self, fixedVolumeNode, movingVolumeNode, fixedLabelsNode=None, movingLabelsNode=None, *,
+              settings=None, refreshEvery=5, callback=None, liveLayout=None,
+              outputVolume=None, outputTransform=None, outputFolding=None, outputChart=None,
+              **overrides) -> RegistrationRun:
+        """Check everything, prepare the output nodes and start the solve; returns the running ``RegistrationRun``.
 
-    def _output(self, node, className, name, inputs):
-        if node is not None:
-            if any(node is n or (n is not None and node.GetID() == n.GetID()) for n in inputs):
-                raise ValueError(f"output {node.GetName()} is an input: choose another output node")
-            if not node.IsA(className):
-                raise ValueError(f"output {node.GetName()} is not a {className}")
-            return node
-        return self.scene.AddNewNodeByClass(className, self.scene.GenerateUniqueName(name))
-
-    # --- main entry ------------------------------------------------------------------------
-
-    def register(self, fixedVolumeNode, movingVolumeNode, fixedLabelsNode=None, movingLabelsNode=None, *,
-                 maxSteps=None, tolerance=None, solver=None, update="gradient", model=None,
-                 device="auto", refreshEvery=5, callback=None,
-                 outputVolume=None, outputTransform=None, outputFolding=None, outputChart=None):
-        """Register moving to fixed; return a ``RegistrationOutputs`` with the output nodes.
-
-        callback(progress) is the library's callback (``DEQRegistrationLib.Progress``),
-        called after the display update of each step; returning True stops the
-        solver (as does ``cancel()``) and the state reached is the result.
+        ``settings`` (a ``DEQRegistrationLib.config.Settings``) and/or keyword
+        overrides of its fields (``update``, ``max_steps``, ``tol``, ``solver``,
+        ``model``, ``device``, ...); an unknown name raises ``InputError``.
+        ``callback(progress)`` is the library's callback: it runs in the
+        solver's thread after each step (do not touch MRML in it) and
+        returning True stops the solve. Nothing is created when a check fails.
         """
-        if fixedVolumeNode is None or movingVolumeNode is None:
-            raise ValueError("select a fixed and a moving volume")
-        if (fixedLabelsNode is None) != (movingLabelsNode is None):
-            raise ValueError("give both fixed and moving labels (or neither) to report Dice")
-        refreshEvery = max(1, int(refreshEvery or 1))
-        inputs = [fixedVolumeNode, movingVolumeNode, fixedLabelsNode, movingLabelsNode]
+        from .dependencies import requireLibrary
+        if self.isRunning:
+            raise RuntimeError("a registration is already running: cancel it or wait for it to finish")
+        requireLibrary()
         scene = self.scene
         messages = []
+        inputs = readInputs(scene, fixedVolumeNode, movingVolumeNode, fixedLabelsNode, movingLabelsNode)
+        librarySettings, maxSteps = checkSettings(inputs, settings, messages, **overrides)
+        given = dict(outputVolume=outputVolume, outputTransform=outputTransform, outputFolding=outputFolding,
+                     outputChart=outputChart)
+        checkOutputs(inputs, given)
+        nodes = prepareOutputs(scene, inputs, given, messages, maxSteps)
+        self.run = RegistrationRun(scene, inputs, nodes, librarySettings, refreshEvery=refreshEvery,
+                                   callback=callback, statusCallback=self.statusCallback, liveLayout=liveLayout,
+                                   messages=messages)
+        return self.run.start()
 
-        # Inputs as library images, in world coordinates (parent transforms included).
-        fixed_data, fixed_affine = mrml.volume_to_library(fixedVolumeNode, scene)
-        moving_data, moving_affine = mrml.volume_to_library(movingVolumeNode, scene)
-        fixed_labels = moving_labels = None
-        if fixedLabelsNode is not None:
-            order = mrml.segment_names(fixedLabelsNode) if fixedLabelsNode.IsA("vtkMRMLSegmentationNode") else None
-            fixed_labels = mrml.labels_to_library(fixedLabelsNode, fixedVolumeNode, fixed_data.shape,
-                                                  fixed_affine, order, scene)
-            moving_labels = mrml.labels_to_library(movingLabelsNode, movingVolumeNode, moving_data.shape,
-                                                   moving_affine, order, scene)
+    def register(self, fixedVolumeNode, movingVolumeNode, fixedLabelsNode=None, movingLabelsNode=None, *,
+                 wait=True, **kwargs):
+        """``start`` and, with ``wait`` (the default), wait for the result: a ``RegistrationOutputs``.
 
-        # Heavy imports only now (never at module load).
-        from DEQRegistrationLib.config import make_settings
-        from DEQRegistrationLib.image import Image
-        from DEQRegistrationLib.registration import register as deq_register
-        from DEQRegistrationLib.sampling import Sampler
-        from DEQRegistrationLib import metrics
-
-        fixed = Image(fixed_data.astype(np.float32, copy=False), fixed_affine)
-        moving = Image(moving_data.astype(np.float32, copy=False), moving_affine)
-
-        # Outputs: created or reused, never an input.
-        warpedNode = self._output(outputVolume, "vtkMRMLScalarVolumeNode",
-                                  movingVolumeNode.GetName() + " warped", inputs)
-        transformNode = self._output(outputTransform, "vtkMRMLGridTransformNode",
-                                     movingVolumeNode.GetName() + " to " + fixedVolumeNode.GetName(), inputs)
-        foldingNode = self._output(outputFolding, "vtkMRMLScalarVolumeNode", "DEQReg folding map", inputs)
-        chartNode = self._output(outputChart, "vtkMRMLPlotChartNode", "DEQReg convergence", inputs)
-        traceTable, diceTable = self._tables(chartNode, with_dice=fixed_labels is not None)
-        mrml.setup_plot(scene, chartNode, traceTable, diceTable)
-
-        initialDice = None
-        if fixed_labels is not None:
-            initialDice = metrics.mean_dice(fixed_labels, Sampler.between(fixed, moving).labels(moving_labels))
-            mrml.append_row(diceTable, {"step": 0, "dice": initialDice})
-            messages.append(f"Dice before registration: {initialDice:.3f}")
-
-        self._cancelRequested = False
-        t0 = time.perf_counter()
-        state = {"last": 0}
-
-        def on_step(progress):
-            elapsed = time.perf_counter() - t0
-            mrml.append_row(traceTable, {"step": progress.step, "level": progress.level,
-                                         "residual": progress.residual, "seconds": progress.seconds})
-            if progress.step % refreshEvery == 0:
-                disp = progress.displacement()
-                self._showState(progress.warped(), disp, progress.jacobian(), fixed,
-                                warpedNode, transformNode, foldingNode)
-                if moving_labels is not None:
-                    d = metrics.mean_dice(fixed_labels, progress.warp_labels(moving_labels))
-                    mrml.append_row(diceTable, {"step": progress.step, "dice": d})
-                state["last"] = progress.step
-            fraction = progress.step / progress.max_steps if progress.max_steps else 0.0
-            self.statusCallback(status_text(progress, elapsed), fraction)
-            self.processEvents()
-            stop = bool(callback(progress)) if callback is not None else False
-            return stop or self._cancelRequested
-
-        import torch
-        if device in ("cuda", "gpu") and not torch.cuda.is_available():
-            messages.append("No CUDA GPU available: running on CPU.")
-            device = "cpu"
-        settings = make_settings(update=update, model=model, solver=solver, max_steps=maxSteps, tol=tolerance,
-                                 device=device)
-
-        def on_fallback(message):
-            """The library reruns on the CPU: start the live tables again."""
-            messages.append(message)
-            self.statusCallback(message, 0.0)
-            mrml.reset_table(traceTable, ["step", "level", "residual", "seconds"])
-            if diceTable is not None:
-                mrml.reset_table(diceTable, ["step", "dice"])
-                mrml.append_row(diceTable, {"step": 0, "dice": initialDice})
-
-        self.isRunning = True
-        try:
-            result = deq_register(fixed, moving, settings, callback=on_step, moving_labels=moving_labels,
-                                  on_fallback=on_fallback)
-        finally:
-            self.isRunning = False
-        used_device = result.device
-
-        # Final state: exactly what register() returned.
-        self._showState(result.warped.data, result.displacement, result.jacobian, fixed,
-                        warpedNode, transformNode, foldingNode)
-        outputs = RegistrationOutputs(warpedNode, transformNode, foldingNode, chartNode, traceTable, diceTable,
-                                      result=result, initialDice=initialDice, device=str(used_device),
-                                      messages=messages)
-        outputs.foldingPercent = float(np.mean(np.asarray(result.jacobian) <= 0) * 100.0)
-        if fixed_labels is not None and result.warped_labels is not None:
-            outputs.dice = metrics.mean_dice(fixed_labels, result.warped_labels)
-            if result.steps != state["last"]:
-                mrml.append_row(diceTable, {"step": result.steps, "dice": outputs.dice})
-        self._annotate(outputs, fixedVolumeNode, movingVolumeNode)
-        summary = (f"{'Cancelled' if result.cancelled else 'Done'}: {result.steps} steps, "
-                   f"residual {result.final_residual:.2e}, {'converged' if result.converged else 'not converged'}, "
-                   f"{_format_seconds(result.seconds)} on {used_device}, {outputs.foldingPercent:.3f} % folded")
-        if outputs.dice is not None:
-            summary += f", Dice {initialDice:.3f} -> {outputs.dice:.3f}"
-        messages.append(summary)
-        self.statusCallback(summary, 1.0)
-        logger.info(summary)
+        With ``wait=False`` the running ``RegistrationRun`` is returned; call
+        its ``poll()`` regularly (a QTimer) or ``wait()``.
+        """
+        run = self.start(fixedVolumeNode, movingVolumeNode, fixedLabelsNode, movingLabelsNode, **kwargs)
+        if not wait:
+            return run
+        outputs = run.wait(self.processEvents)
+        for message in outputs.messages:
+            logger.info(message)
         return outputs
-
-    def _tables(self, chartNode, with_dice):
-        scene = self.scene
-        trace = chartNode.GetNodeReference("DEQRegTraceTable")
-        if trace is None:
-            trace = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName("DEQReg trace"))
-            chartNode.SetNodeReferenceID("DEQRegTraceTable", trace.GetID())
-        mrml.reset_table(trace, ["step", "level", "residual", "seconds"])
-        dice = None
-        if with_dice:
-            dice = chartNode.GetNodeReference("DEQRegDiceTable")
-            if dice is None:
-                dice = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName("DEQReg Dice"))
-                chartNode.SetNodeReferenceID("DEQRegDiceTable", dice.GetID())
-            mrml.reset_table(dice, ["step", "dice"])
-        return trace, dice
-
-    def _showState(self, warped, displacement, jacobian, fixed, warpedNode, transformNode, foldingNode):
-        """Write one solver state into the output nodes, in place (their observers redraw)."""
-        from DEQRegistrationLib.geometry import voxel_field_to_physical
-        warped, displacement, jacobian = (np.asarray(getattr(a, "data", a)) for a in (warped, displacement, jacobian))
-        mrml.update_volume(warpedNode, np.asarray(warped, dtype=np.float32), fixed.affine)
-        mrml.update_grid_transform(transformNode, voxel_field_to_physical(displacement, fixed.affine),
-                                   fixed.affine)
-        first = foldingNode.GetImageData() is None
-        mrml.update_volume(foldingNode, np.asarray(jacobian, dtype=np.float32), fixed.affine)
-        if first or foldingNode.GetDisplayNode() is None:
-            mrml.show_folding_colors(foldingNode)
-        if warpedNode.GetDisplayNode() is None:
-            warpedNode.CreateDefaultDisplayNodes()
-
-    @staticmethod
-    def _annotate(outputs, fixedNode, movingNode):
-        r = outputs.result
-        for node in (outputs.warpedVolume, outputs.transform, outputs.foldingMap):
-            node.SetAttribute("DEQReg.fixed", fixedNode.GetID())
-            node.SetAttribute("DEQReg.moving", movingNode.GetID())
-            node.SetAttribute("DEQReg.steps", str(r.steps))
-            node.SetAttribute("DEQReg.converged", str(bool(r.converged)))
-        if outputs.dice is not None:
-            outputs.warpedVolume.SetAttribute("DEQReg.dice", f"{outputs.dice:.4f}")
-        outputs.foldingMap.SetAttribute("DEQReg.foldingPercent", f"{outputs.foldingPercent:.4f}")

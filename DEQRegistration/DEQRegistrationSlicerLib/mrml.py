@@ -63,8 +63,10 @@ def resampled_copy_array(volumeNode, scene):
     """(kji array, IJKToRAS) of a volume after hardening its non-linear parent, on a copy.
 
     The input node is never modified: the copy lives in the scene only while
-    the transform logic hardens it.
+    the transform logic hardens it (a label map copy is resampled nearest
+    neighbour: Slicer's label map resampling mode).
     """
+    before = _node_ids(scene)
     copy = scene.AddNewNodeByClass(volumeNode.GetClassName(), "DEQReg temporary copy")
     try:
         image = vtk.vtkImageData()
@@ -79,7 +81,7 @@ def resampled_copy_array(volumeNode, scene):
             raise RuntimeError("could not harden the parent transform of " + volumeNode.GetName())
         return np.array(slicer.util.arrayFromVolume(copy)), affine
     finally:
-        scene.RemoveNode(copy)
+        _remove_new_nodes(scene, before, keep_classes=("vtkMRMLSubjectHierarchyNode",))
 
 
 # --- arrays <-> library images ----------------------------------------------------------
@@ -134,12 +136,19 @@ def segment_names(segmentationNode):
 
 
 def segmentation_to_labels(segmentationNode, referenceVolumeNode, name_order, scene):
-    """(labels (i, j[, k]), world affine) of a segmentation exported on a volume's grid.
+    """(labels (i, j[, k]), world affine) of a segmentation, on the reference volume's grid, where it is shown.
 
     Segments get label values by their position in ``name_order`` (1-based),
     so a fixed and a moving segmentation with the same segment names give
     comparable labels; segments not in ``name_order`` get values after them.
-    A linear parent transform of the segmentation is folded into the affine.
+
+    ``ExportSegmentsToLabelmapNode`` already resamples the segmentation into
+    the reference volume's frame *including both parent transforms* and puts
+    the labelmap under the reference volume's parent transform; the labelmap
+    is then read like any volume (``volume_to_library``: a linear parent goes
+    into the affine, a non-linear one is hardened on a copy, nearest
+    neighbour for label maps), so no transform is applied twice. The
+    temporary labelmap and the colour table the export creates are removed.
     """
     seg = segmentationNode.GetSegmentation()
     names = segment_names(segmentationNode)
@@ -150,6 +159,7 @@ def segmentation_to_labels(segmentationNode, referenceVolumeNode, name_order, sc
         else:
             extra += 1
             values[n] = extra
+    before = _node_ids(scene)
     labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "DEQReg temporary labels")
     try:
         out = None
@@ -163,17 +173,26 @@ def segmentation_to_labels(segmentationNode, referenceVolumeNode, name_order, sc
             if out is None:
                 out = np.zeros(mask.shape, dtype=np.int32)
             out[mask > 0] = values[n]
-        affine = ijk_to_ras(labelNode)
+        if out is None:  # no segments: an empty map on the reference grid
+            out = np.zeros(slicer.util.arrayFromVolume(referenceVolumeNode).shape, dtype=np.int32)
+            labelNode.SetIJKToRASMatrix(_array_to_matrix(ijk_to_ras(referenceVolumeNode)))
+            labelNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
+        slicer.util.updateVolumeFromArray(labelNode, out)
+        return volume_to_library(labelNode, scene)
     finally:
-        scene.RemoveNode(labelNode)
-    parent = segmentationNode.GetParentTransformNode()
-    if parent is not None:
-        if not parent.IsTransformToWorldLinear():
-            raise ValueError(f"{segmentationNode.GetName()} has a non-linear transform: harden it first")
-        m = vtk.vtkMatrix4x4()
-        parent.GetMatrixTransformToWorld(m)
-        affine = _matrix_to_array(m) @ affine
-    return kji_to_library(out, affine)
+        _remove_new_nodes(scene, before, keep_classes=("vtkMRMLSubjectHierarchyNode",))
+
+
+def _node_ids(scene):
+    return {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
+
+
+def _remove_new_nodes(scene, before, keep_classes=()):
+    """Remove the nodes added since ``before`` (temporary nodes and what their creation brought along)."""
+    added = [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]
+    for node in added:
+        if node.GetID() not in before and not any(node.IsA(c) for c in keep_classes):
+            scene.RemoveNode(node)
 
 
 def labels_to_library(labelsNode, referenceVolumeNode, reference_shape, reference_affine,
@@ -201,9 +220,33 @@ def labels_to_library(labelsNode, referenceVolumeNode, reference_shape, referenc
 
 
 def update_volume(volumeNode, data: np.ndarray, affine: np.ndarray):
-    """Write a library array into a volume node in place (fires the node's Modified events)."""
-    volumeNode.SetIJKToRASMatrix(_array_to_matrix(_affine_3d(affine)))
-    slicer.util.updateVolumeFromArray(volumeNode, library_to_kji(data))
+    """Write a library array into a volume node (fires ImageDataModifiedEvent)."""
+    write_volume_kji(volumeNode, library_to_kji(data), affine)
+
+
+def write_volume_kji(volumeNode, kji: np.ndarray, affine: np.ndarray):
+    """Write a Slicer (k, j, i) array into a volume node; in place (one copy) when its image has this shape and type.
+
+    In place: the voxels are copied into the existing image data, which is
+    marked Modified, so the node fires ImageDataModifiedEvent and views
+    redraw; the geometry is set only when it changed. Otherwise the image
+    data is reallocated (``updateVolumeFromArray``).
+    """
+    kji = np.asarray(kji)
+    matrix = _affine_3d(affine)
+    if not np.allclose(ijk_to_ras(volumeNode), matrix, rtol=0, atol=1e-9):
+        volumeNode.SetIJKToRASMatrix(_array_to_matrix(matrix))
+    image = volumeNode.GetImageData()
+    scalars = image.GetPointData().GetScalars() if image is not None else None
+    if (scalars is not None and tuple(image.GetDimensions()) == kji.shape[::-1]
+            and scalars.GetNumberOfComponents() == 1
+            and slicer.util.arrayFromVolume(volumeNode).dtype == kji.dtype):
+        slicer.util.arrayFromVolume(volumeNode)[:] = kji
+        scalars.Modified()
+        image.Modified()
+        volumeNode.StorableModified()
+    else:
+        slicer.util.updateVolumeFromArray(volumeNode, kji)
 
 
 def _affine_3d(affine) -> np.ndarray:
@@ -231,12 +274,21 @@ def update_grid_transform(transformNode, displacement_mm: np.ndarray, affine: np
     Modified, which makes the node fire TransformModifiedEvent (writing the
     array alone fires nothing); otherwise a new vtkOrientedGridTransform is set.
     """
+    write_grid_transform_kji(transformNode, field_to_kji(displacement_mm), affine)
+
+
+def field_to_kji(displacement_mm: np.ndarray) -> np.ndarray:
+    """A library (*S, 3) displacement as Slicer's (k, j, i, 3) float32 array (2D gets k = 1)."""
     disp = np.asarray(displacement_mm, dtype=np.float32)
     if disp.ndim == 3:
         disp = disp[:, :, None, :]
-    kji = np.ascontiguousarray(disp.transpose(2, 1, 0, 3))
+    return np.ascontiguousarray(disp.transpose(2, 1, 0, 3))
+
+
+def write_grid_transform_kji(transformNode, kji: np.ndarray, affine: np.ndarray):
+    """``update_grid_transform`` for a displacement already in Slicer's (k, j, i, 3) layout."""
     origin, spacing, direction = _grid_geometry(affine)
-    dims = tuple(int(n) for n in disp.shape[:3])
+    dims = tuple(int(n) for n in kji.shape[2::-1])
     transform = transformNode.GetTransformFromParent()
     grid = transform.GetDisplacementGrid() if isinstance(transform, slicer.vtkOrientedGridTransform) else None
     if grid is not None and _same_geometry(transform, grid, dims, origin, spacing, direction):
@@ -320,6 +372,36 @@ def show_folding_colors(foldingNode):
     display.SetWindowLevelMinMax(lo, hi)
 
 
+def ramp_color_node(scene, name, rgb):
+    """A colour table from black to ``rgb`` (created once per scene, found by name)."""
+    node = scene.GetFirstNodeByName(name)
+    if node is not None and node.IsA("vtkMRMLColorTableNode"):
+        return node
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+    node.SetTypeToUser()
+    n = 256
+    node.SetNumberOfColors(n)
+    for idx in range(n):
+        t = idx / (n - 1)
+        node.SetColor(idx, f"{t:.2f}", t * rgb[0], t * rgb[1], t * rgb[2], 1.0)
+    node.SetAttribute("Category", "DEQRegistration")
+    return node
+
+
+def show_with_colors(volumeNode, colorNode, window_level=None):
+    """Display a volume with a colour table; auto window/level unless ``(window, level)`` is given."""
+    if volumeNode.GetDisplayNode() is None:
+        volumeNode.CreateDefaultDisplayNodes()
+    display = volumeNode.GetDisplayNode()
+    display.SetAndObserveColorNodeID(colorNode.GetID())
+    if window_level is None:
+        display.AutoWindowLevelOn()
+    else:
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(*window_level)
+    return display
+
+
 # --- convergence plot ---------------------------------------------------------------------
 
 
@@ -378,8 +460,11 @@ def setup_plot(scene, chartNode, traceTable, diceTable=None):
     chartNode.RemoveAllPlotSeriesNodeIDs()
     for sid in wanted:
         chartNode.AddAndObservePlotSeriesNodeID(sid)
+    chartNode.SetXAxisRangeAuto(True)  # until a run knows its step budget
     chartNode.SetTitle("DEQReg convergence")
     chartNode.SetXAxisTitle("solver step")
-    chartNode.SetYAxisTitle("residual (log)" + (" / mean Dice" if diceTable is not None else ""))
+    # no legend: in the top corner it hid the Dice curve (0.5-1 on the log axis); the axis title names the colours
+    chartNode.SetLegendVisibility(False)
+    chartNode.SetYAxisTitle("residual (blue)" + (" / Dice (orange)" if diceTable is not None else ""))
     chartNode.SetYAxisLogScale(True)
     return chartNode

@@ -1,33 +1,122 @@
-"""The module's settings, kept on a vtkMRMLScriptedModuleNode.
+"""The module's settings, kept on a vtkMRMLScriptedModuleNode, and their one mapping to the library's Settings.
 
 Values live as strings (``SetParameter``) and node selections as node
 references (``SetNodeReferenceID``), so they are saved with the scene and come
-back on load. This small typed wrapper replaces ``parameterNodeWrapper``, which
-needs Qt and therefore cannot run on ``slicer-core``.
+back on load. ``PARAMETERS`` is the only table of them: each row names the
+parameter, its type and default, its allowed values and the field of
+``DEQRegistrationLib.config.Settings`` it sets. ``ParameterNode.settings()``
+turns a node into the keyword arguments of ``register()`` (a plain dict,
+passed through ``RegistrationLogic.start`` to the library's
+``make_settings``, which refuses names it does not know); nothing else
+translates between the two. Adding a library setting to the panel is one row
+here: a row with a ``label`` and no widget in the .ui gets its widget built by
+the module in the "Advanced" section (``DEQRegistration.py``,
+``makeParameterWidget``); a row with choices also needs the words for them in
+the module's ``choiceLabels`` (a test refuses identifiers shown as they are).
+For example, once the library has them: ``Parameter("Init", str, "affine",
+("none", "center", "rigid", "affine"), setting="init", label="Initial
+alignment:")``.
+
+This small typed wrapper replaces ``parameterNodeWrapper``, which needs Qt and
+therefore cannot run on ``slicer-core``.
 """
 from __future__ import annotations
 
-#: name -> (type, default). Max steps and tolerance 0 mean "the mode's default".
-PARAMETERS = {
-    "MaxSteps": (int, 0),
-    "Tolerance": (float, 0.0),
-    "Solver": (str, "auto"),            # "auto": the mode's own (anderson; a model's stored solver)
-    "UpdateMode": (str, "gradient"),
-    "Model": (str, "default"),          # "default" (shipped weights) or "file"
-    "ModelPath": (str, ""),
-    "Device": (str, "auto"),            # "auto" (GPU when available) | "cpu" | "cuda"
-    "RefreshEvery": (int, 5),
-}
-SOLVERS = ("auto", "anderson", "fixed-point")
-UPDATE_MODES = ("learned", "gradient", "hybrid")
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+# The library's choices, repeated here because importing DEQRegistrationLib
+# imports torch (the module must load without it); a test checks they match.
+UPDATES = ("gradient", "learned", "hybrid")
+SOLVERS = ("anderson", "fixed-point")
+SIMILARITIES = ("lncc", "mse", "mind")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = ("default", "file")
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str                       # key on the parameter node (saved with the scene)
+    kind: type
+    default: object
+    choices: Tuple = ()             # allowed values (empty: any value of ``kind``)
+    setting: Optional[str] = None   # the Settings field it sets; None: used by the module only
+    auto: object = None             # the value meaning "the mode's own default" (not passed on)
+    gradient_only: bool = False     # a setting of the weight-free update (a model keeps its own)
+    # a row the module builds a widget for (no widget in the .ui): its label, tooltip and range
+    label: str = ""
+    tooltip: str = ""
+    limits: Tuple = ()              # numbers: (minimum, maximum, single step[, decimals])
+    only_with: Tuple = ()           # (parameter, value): the widget is enabled only when that parameter has it
+
+    def parse(self, text):
+        """The stored string as a value of ``kind`` (ValueError when it is not one; lists are checked by
+        ``ParameterNode.settings``, so a malformed one is reported, not silently dropped)."""
+        if self.kind is bool:
+            if text not in ("True", "False"):
+                raise ValueError(text)
+            return text == "True"
+        return self.kind(text)
+
+
+def numbers(text: str, name: str = "value"):
+    """A comma-separated list of numbers as ints (or floats); an empty text is None (the library's own)."""
+    parts = [t.strip() for t in str(text).replace(";", ",").split(",") if t.strip()]
+    if not parts:
+        return None
+    try:
+        values = [float(t) for t in parts]
+    except ValueError:
+        raise ValueError(f"{name} must be numbers separated by commas, got {text!r}") from None
+    return [int(v) if v.is_integer() else v for v in values]
+
+
+#: settings given as a list of numbers (stored as text, e.g. "4, 2, 1")
+LIST_SETTINGS = ("pyramid", "level_weights")
+
+
+PARAMETERS = (
+    Parameter("Update", str, "gradient", UPDATES, setting="update"),
+    Parameter("MaxSteps", int, 0, setting="max_steps", auto=0),
+    Parameter("Tolerance", float, 0.0, setting="tol", auto=0.0),
+    Parameter("Solver", str, AUTO, (AUTO,) + SOLVERS, setting="solver", auto=AUTO),
+    Parameter("Model", str, "default", MODELS),          # with ModelPath: the "model" setting
+    Parameter("ModelPath", str, ""),
+    Parameter("Device", str, AUTO, DEVICES, setting="device"),
+    Parameter("Similarity", str, "lncc", SIMILARITIES, setting="similarity", gradient_only=True),
+    Parameter("DiffusionWeight", float, 0.5, setting="diffusion_weight", gradient_only=True),
+    Parameter("RefreshEvery", int, 5),
+    # built by the module (no .ui widget): one row each
+    Parameter("Window", int, 5, setting="window", gradient_only=True, label="LNCC window:",
+              tooltip="Side of the local window of the LNCC similarity, in voxels (odd).", limits=(3, 15, 2),
+              only_with=("Similarity", "lncc")),
+    Parameter("StepSize", float, 1.0, setting="step_size", gradient_only=True, label="Step size:",
+              tooltip="Descent step of the gradient update (larger moves faster, may oscillate).",
+              limits=(0.05, 10.0, 0.1, 2)),
+    Parameter("Sigma", float, 1.5, setting="sigma", gradient_only=True, label="Step smoothing:",
+              tooltip="Width (voxels) of the Gaussian that smooths each step of the gradient update (0: none).",
+              limits=(0.0, 10.0, 0.25, 2)),
+    Parameter("Pyramid", str, "", setting="pyramid", auto="", label="Levels:",
+              tooltip="Downsampling factor of each resolution level, coarse to fine, e.g. 4, 2, 1 (empty: the "
+                      "update's own)."),
+    Parameter("LevelWeights", str, "", setting="level_weights", auto="", label="Level weights:",
+              tooltip="How the step budget is split over the levels, e.g. 1, 1, 2 (empty: equal)."),
+    Parameter("CpuFallback", bool, True, setting="cpu_fallback", label="CPU fallback:",
+              tooltip="When the GPU runs out of memory, run the registration again on the CPU."),
+)
+BY_NAME = {p.name: p for p in PARAMETERS}
+#: names a saved scene may hold from older versions -> today's name
+RENAMED = {"UpdateMode": "Update"}
 
 #: node reference roles: inputs, then outputs (created when empty, reused otherwise).
 NODE_REFERENCES = ("FixedVolume", "MovingVolume", "FixedLabels", "MovingLabels",
                    "OutputVolume", "OutputTransform", "OutputFolding", "OutputChart")
 INPUT_REFERENCES = NODE_REFERENCES[:4]
 OUTPUT_REFERENCES = NODE_REFERENCES[4:]
+#: output role -> keyword of ``RegistrationLogic.start``
+OUTPUT_KEYWORDS = {"OutputVolume": "outputVolume", "OutputTransform": "outputTransform",
+                   "OutputFolding": "outputFolding", "OutputChart": "outputChart"}
 
 
 class ParameterNode:
@@ -49,32 +138,33 @@ class ParameterNode:
         return wrapper
 
     def setDefaults(self, overwrite=False):
-        for name, (_, default) in PARAMETERS.items():
-            if overwrite or not self.node.GetParameter(name):
-                self.set(name, default)
+        for old, new in RENAMED.items():
+            value = self.node.GetParameter(old)
+            if value and not self.node.GetParameter(new):
+                self.node.SetParameter(new, value)
+            if value:
+                self.node.UnsetParameter(old)
+        for p in PARAMETERS:
+            if overwrite or not self.node.GetParameter(p.name):
+                self.set(p.name, p.default)
 
     def get(self, name):
-        kind, default = PARAMETERS[name]
+        p = BY_NAME[name]
         text = self.node.GetParameter(name)
         if not text:
-            return default
+            return p.default
         try:
-            return kind(text)
+            value = p.parse(text)
         except ValueError:
-            return default
+            return p.default
+        return value if not p.choices or value in p.choices else p.default
 
     def set(self, name, value):
-        kind, _ = PARAMETERS[name]
-        value = kind(value)
-        if name == "Solver" and value not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}")
-        if name == "UpdateMode" and value not in UPDATE_MODES:
-            raise ValueError(f"update mode must be one of {UPDATE_MODES}")
-        if name == "Device" and value not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}")
-        if name == "Model" and value not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}")
-        self.node.SetParameter(name, repr(value) if kind is float else str(value))
+        p = BY_NAME[name]
+        value = p.parse(str(value)) if p.kind is bool and isinstance(value, str) else p.kind(value)
+        if p.choices and value not in p.choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, p.choices))}, got {value!r}")
+        self.node.SetParameter(name, repr(value) if p.kind is float else str(value))
 
     def getNode(self, role):
         assert role in NODE_REFERENCES, role
@@ -84,23 +174,56 @@ class ParameterNode:
         assert role in NODE_REFERENCES, role
         self.node.SetNodeReferenceID(role, mrmlNode.GetID() if mrmlNode is not None else None)
 
-    def registrationKwargs(self):
-        """Keyword arguments of ``RegistrationLogic.register`` from the stored settings."""
-        model = None
-        if self.get("UpdateMode") != "gradient":
-            model = self.get("ModelPath") if self.get("Model") == "file" else "default"
-        return dict(
-            fixedLabelsNode=self.getNode("FixedLabels"),
-            movingLabelsNode=self.getNode("MovingLabels"),
-            maxSteps=self.get("MaxSteps") or None,
-            tolerance=self.get("Tolerance") or None,
-            solver=None if self.get("Solver") == "auto" else self.get("Solver"),
-            update=self.get("UpdateMode"),
-            model=model,
-            device=self.get("Device"),
-            refreshEvery=self.get("RefreshEvery"),
-            outputVolume=self.getNode("OutputVolume"),
-            outputTransform=self.getNode("OutputTransform"),
-            outputFolding=self.getNode("OutputFolding"),
-            outputChart=self.getNode("OutputChart"),
-        )
+    # --- to the logic ------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        """Keyword arguments of the library's ``Settings`` (``make_settings``) from the stored values.
+
+        "auto" values are left out (the mode's own default applies); the
+        weight-free update's own settings are left out for the learned and
+        hybrid updates, whose model keeps the values it was trained with.
+        Lists ("4, 2, 1") become lists of numbers; a malformed one raises
+        ValueError naming the parameter.
+        """
+        update = self.get("Update")
+        out = {}
+        for p in PARAMETERS:
+            if p.setting is None or (p.gradient_only and update != "gradient"):
+                continue
+            value = self.get(p.name)
+            if p.auto is not None and value == p.auto:
+                continue
+            out[p.setting] = numbers(value, p.name) if p.setting in LIST_SETTINGS else value
+        if update != "gradient":
+            out["model"] = self.get("ModelPath") if self.get("Model") == "file" else "default"
+        return out
+
+    def nodes(self) -> dict:
+        """Input nodes and the keyword arguments of the output nodes of ``RegistrationLogic.start``."""
+        out = {keyword: self.getNode(role) for role, keyword in OUTPUT_KEYWORDS.items()}
+        out.update(fixedLabelsNode=self.getNode("FixedLabels"), movingLabelsNode=self.getNode("MovingLabels"))
+        return out
+
+    def rememberOutputs(self, outputs):
+        """Select the nodes a run writes (``RegistrationOutputs`` or ``OutputNodes``) as the outputs."""
+        wasModified = self.node.StartModify()
+        try:
+            self.setNode("OutputVolume", outputs.warpedVolume)
+            self.setNode("OutputTransform", outputs.transform)
+            self.setNode("OutputFolding", outputs.foldingMap)
+            self.setNode("OutputChart", outputs.chart)
+        finally:
+            self.node.EndModify(wasModified)
+
+    def selectDefaultInputs(self, scene):
+        """An empty fixed volume selection gets the scene's first intensity volume (never a label map or output)."""
+        if self.getNode("FixedVolume") is not None:
+            return None
+        for n in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+            node = scene.GetNthNodeByClass(n, "vtkMRMLScalarVolumeNode")
+            if node.IsA("vtkMRMLLabelMapVolumeNode") or node.GetAttribute("DEQReg.output") \
+                    or node.GetHideFromEditors():
+                continue
+            self.setNode("FixedVolume", node)
+            return node
+        return None

@@ -1,4 +1,4 @@
-"""Synthetic test volumes and RAS checks shared by the pytest suite and the in-Slicer self-test.
+"""Synthetic test volumes, RAS checks and a layout-manager stand-in, shared by the pytest suite and the self-test.
 
 Kept in the package (not in Testing/) because the module's
 ScriptedLoadableModuleTest runs inside Slicer, where only installed files exist.
@@ -11,7 +11,7 @@ import vtk
 import slicer
 import slicer.util
 
-from .mrml import _array_to_matrix, ijk_to_ras, world_affine
+from .mrml import _array_to_matrix, ijk_to_ras, update_grid_transform, world_affine
 
 
 def oblique_affine(spacing=(1.0, 1.0, 1.0), angle_deg=0.0, origin=(0.0, 0.0, 0.0), axis=(0.3, 0.2, 0.93)):
@@ -86,5 +86,79 @@ def resample_into(volumeNode, refShapeKJI, refAffine):
     return vals.reshape(refShapeKJI)
 
 
-__all__ = ["oblique_affine", "centred_affine", "blob_function", "ras_grid", "add_sampled_volume",
-           "transform_points_from_parent", "resample_into", "world_affine", "_array_to_matrix"]
+class LayoutManagerStandIn:
+    """What Slicer's layout manager does to the scene, without Qt: for tests on ``slicer-core``.
+
+    Slicer's ``qMRMLLayoutManager`` keeps a ``vtkMRMLLayoutLogic`` (which
+    creates the view nodes of the current arrangement) and, for every slice
+    view it shows, a ``vtkMRMLSliceLogic`` registered with the application
+    logic (which creates the view's slice composite node). This stand-in
+    does the same whenever the layout node changes; it draws nothing.
+    """
+
+    def __init__(self, scene):
+        self.scene = scene
+        self.appLogic = slicer.vtkMRMLApplicationLogic()
+        self.appLogic.SetMRMLScene(scene)
+        self.appLogic.SetSliceLogics(vtk.vtkCollection())
+        self.layoutLogic = slicer.vtkMRMLLayoutLogic()
+        self.layoutLogic.SetMRMLScene(scene)
+        self.layoutNode = self.layoutLogic.GetLayoutNode()
+        self.layoutNode.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda *args: self.createViews())
+        self.createViews()
+
+    def createViews(self):
+        for n in range(self.scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+            sliceNode = self.scene.GetNthNodeByClass(n, "vtkMRMLSliceNode")
+            if self.appLogic.GetSliceLogicByLayoutName(sliceNode.GetLayoutName()) is None:
+                logic = slicer.vtkMRMLSliceLogic()
+                logic.SetMRMLApplicationLogic(self.appLogic)
+                logic.SetMRMLScene(self.scene)
+                logic.SetSliceNode(sliceNode)
+                self.appLogic.GetSliceLogics().AddItem(logic)
+
+
+
+def put_under_transform(node, kind, scene, variant=0):
+    """Put ``node`` under a transform of ``kind`` without changing where it is shown in world coordinates.
+
+    ``variant`` picks another transform of the same kind (so two nodes can be
+    under different transforms, which is what catches a transform applied to
+    the wrong node).
+
+    linear: a rigid motion M, with the node's IJKToRAS moved by M^-1; non-linear: a
+    grid transform whose FromParent displacement is a constant d (world x shows
+    local x + d), with the node's IJKToRAS moved by +d. The grid transform is a
+    vtkOrientedGridTransform, so Slicer treats it as non-linear (resampling).
+    """
+    if kind == "none":
+        return
+    if kind == "linear":
+        M = oblique_affine((1, 1, 1), 20.0 - 35.0 * variant, (5.0 - 9.0 * variant, -3.0, 4.0 + 3.0 * variant),
+                           axis=(0.3, 0.8, 0.5))
+        t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        t.SetMatrixTransformToParent(_array_to_matrix(M))
+        local = np.linalg.inv(M)
+    else:
+        d = np.array([5.0, -2.0, 3.0]) + variant * np.array([-8.0, 6.0, -1.0])
+        t = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+        big = np.diag([4.0, 4.0, 4.0, 1.0])
+        big[:3, 3] = -60.0  # a 120 mm cube around the origin: every test volume is inside it
+        update_grid_transform(t, np.broadcast_to(d, (31, 31, 31, 3)).astype(np.float32), big)
+        local = np.eye(4)
+        local[:3, 3] = d
+    if node.IsA("vtkMRMLSegmentationNode"):
+        node.ApplyTransformMatrix(_array_to_matrix(local)) if kind == "linear" else _shift_segmentation(node, d)
+    else:
+        node.SetIJKToRASMatrix(_array_to_matrix(local @ ijk_to_ras(node)))
+    node.SetAndObserveTransformNodeID(t.GetID())
+
+
+def _shift_segmentation(seg, d):
+    m = np.eye(4)
+    m[:3, 3] = d
+    seg.ApplyTransformMatrix(_array_to_matrix(m))
+
+
+__all__ = ["LayoutManagerStandIn", "oblique_affine", "centred_affine", "blob_function", "ras_grid", "add_sampled_volume",
+           "transform_points_from_parent", "resample_into", "put_under_transform", "world_affine", "_array_to_matrix"]
