@@ -87,6 +87,10 @@ def choiceLabels():
         "lncc": _("Local normalized cross-correlation"),
         "mse": _("Mean squared error"),
         "mind": _("MIND-SSC descriptors (multi-modal)"),
+        "affine": _("Affine (rigid, then scaling and shear)"),
+        "rigid": _("Rigid (rotation and translation)"),
+        "center": _("Centres of mass"),
+        "none": _("None (trust the image positions)"),
     }
 
 
@@ -111,6 +115,8 @@ def makeParameterWidget(spec):
         widget = qt.QLineEdit()
     if spec.limits and spec.kind in (int, float):
         widget.minimum, widget.maximum, widget.singleStep = spec.limits[:3]
+        if spec.auto is not None and spec.auto == spec.limits[0]:
+            widget.specialValueText = _("auto")  # the lowest value means "the library's own"
     widget.toolTip = _(spec.tooltip)
     widget.objectName = spec.name[0].lower() + spec.name[1:] + type(widget).__name__[1:]
     return widget
@@ -540,7 +546,7 @@ class DEQRegistrationTest(ScriptedLoadableModuleTest):
         p = ParameterNode(logic.getParameterNode())
         self.assertEqual(p.get("Update"), "gradient")
         self.assertEqual(p.settings(), {"update": "gradient", "device": "auto", "similarity": "lncc",
-                                        "diffusion_weight": 0.5, "window": 5, "step_size": 1.0, "sigma": 1.5,
+                                        "window": 5, "sigma": 1.5, "init": "affine",
                                         "cpu_fallback": True})
         layoutNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLLayoutNode")
         if layoutNode is not None:

@@ -164,16 +164,6 @@ def energy(name: str, fixed: torch.Tensor, warped: torch.Tensor, weight: torch.T
 _LOCAL = {"lncc": similarity.LNCC(window=LNCC_WINDOW), "mse": similarity.MSE()}
 
 
-def _outside_energy(name: str, fixed: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
-    """The summed energy of fixed voxels (weights ``outside``) that map outside the moving image: the
-    measure's no-match value (LNCC and NCC: 1, MI: 0, MSE: the fixed image against zero padding)."""
-    if name == "mse":
-        return ((fixed * fixed) * outside).sum()
-    if name == "mi":
-        return torch.zeros((), device=fixed.device)
-    return outside.sum()
-
-
 # --------------------------------------------------------------------------- parameterisations
 
 
@@ -366,32 +356,18 @@ class Aligner:
         return (ras * ww[:, None]).sum(0) / ww.sum(), ras, ww
 
     def _evaluate(self, level: _Level, W: torch.Tensor) -> torch.Tensor:
-        """The energy of W on a level: the similarity where the moving image is, and the worst value
-        (``_outside_energy``) for the fixed voxels W maps outside it.
-
-        Averaging over the overlap alone would let W gain by pushing hard-to-match
-        anatomy out of the moving image's field of view (a cropped pair shifts and
-        shrinks); counting what leaves as unmatched removes that reward. Voxels the
-        moving mask excludes are left out, not penalised.
-        """
         coords = level.sampler.coords_through(W, level.at)
         warped = sample(level.moving, coords, padding_mode="zeros")
         with torch.no_grad():
-            inside = torch.ones_like(level.weight)
+            weight = level.weight
             for a, n in enumerate(level.moving.shape[2:]):  # only where the moving image is
                 c = coords[:, a:a + 1]
-                inside = inside * ((c >= 0) & (c <= n - 1)).to(inside.dtype)
-            weight = level.weight * inside
-            outside = level.weight - weight
+                weight = weight * ((c >= 0) & (c <= n - 1)).to(weight.dtype)
             if level.moving_mask is not None:
                 weight = weight * sample(level.moving_mask, coords, padding_mode="zeros")
-            w_in, w_out = float(weight.sum()), float(outside.sum())
-        if w_in < 1:
+        if float(weight.sum()) < 1:
             return torch.full((), float("inf"), device=W.device) + 0 * warped.sum()
-        e_in = energy(self.similarity, level.fixed, warped, weight)
-        if w_out <= 0:
-            return e_in
-        return (e_in * w_in + _outside_energy(self.similarity, level.fixed, outside)) / (w_in + w_out)
+        return energy(self.similarity, level.fixed, warped, weight)
 
     # --- one stage -----------------------------------------------------------------------------------
 

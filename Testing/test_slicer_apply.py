@@ -54,12 +54,16 @@ def both(tmp_path_factory):
     fixed = io.save_image(Image(blob_volume((24, 24, 24)), FIXED_AFFINE), d / "f.nrrd")
     moving = io.save_image(Image(blob_volume((22, 23, 25), centre_shift=(1.0, -1.0, 1.0)), MOVING_AFFINE),
                            d / "m.nrrd")
+    # Two independent runs (the command on the files, the module on the nodes Slicer read from them) are
+    # compared value for value, so both skip the linear stage: its line search takes discrete branches, and
+    # the 1e-9 differences between the two readers' direction matrices may take another one. The linear
+    # part's files and their composition are tested on one run (test_apply.py, the affine slot).
     assert main([str(a) for a in ["register", fixed, moving, "--out", d / "out", "--max-steps", STEPS,
-                                  "--device", "cpu"]]) == 0
+                                  "--device", "cpu", "--init", "none"]]) == 0
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     outputs = RegistrationLogic(scene).register(_load(scene, fixed), _load(scene, moving), max_steps=STEPS,
-                                                device="cpu")
+                                                device="cpu", init="none")
     return dict(dir=d, out=d / "out", fixed=fixed, moving=moving, scene=scene, node=outputs.transform)
 
 
@@ -95,8 +99,7 @@ def test_grid_transform_holds_the_saved_field(both):
     ras = slicer.util.arrayFromGridTransform(node).transpose(2, 1, 0, 3)
     # the node holds the whole transform as one field; the saved result is the field, then affine.tfm
     assert np.abs(ras).max() > 0.5  # a real deformation
-    # 2e-3 mm (0.15 % of a voxel): the module composes W into its float32 field, the files keep them apart
-    np.testing.assert_allclose(ras, _total_ras(both), atol=2e-3)
+    np.testing.assert_allclose(ras, _total_ras(both), atol=1e-4)
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz"])

@@ -212,9 +212,12 @@ def test_live_updates_every_n_steps_from_the_first_refresh(run):
                 assert counts[key] == prev[key], (step, key)
         prev = counts
     texts = [t for t, _ in run["calls"]["status"]]
-    step1 = next(t for t in texts if "step 1/45" in t)
-    assert step1.startswith("Deformable registration: step 1/45") and "residual" in step1 and "elapsed" in step1
-    assert "left" in step1
+    # the linear alignment comes first, then the deformable stage's 45-step budget
+    aligned = sum(row["stage"] == "alignment" for row in r.trace)
+    assert aligned > 0 and next(t for t in texts if "step" in t).startswith("Linear alignment: step 1/")
+    first = next(t for t in texts if t.startswith("Deformable registration"))
+    assert first.startswith(f"Deformable registration: step {aligned + 1}/{aligned + 45}")
+    assert "residual" in first and "elapsed" in first and "left" in first
     assert run["calls"]["status"][-1][1] == 1.0
 
 
@@ -243,7 +246,7 @@ def test_dice_improves(run):
 def test_rerun_of_the_same_pair_reuses_the_same_nodes(run):
     o = run["outputs"]
     n = run["scene"].GetNumberOfNodes()
-    again = RegistrationLogic().register(run["fixed"], run["moving"], update="gradient", max_steps=3,
+    again = RegistrationLogic().register(run["fixed"], run["moving"], update="gradient", max_steps=3, init="none",
                                          refreshEvery=2, outputVolume=o.warpedVolume, outputTransform=o.transform,
                                          outputFolding=o.foldingMap, outputChart=o.chart)
     assert again.warpedVolume is o.warpedVolume and again.chart is o.chart
@@ -321,7 +324,7 @@ def test_the_run_proceeds_while_the_main_thread_holds_the_gil_as_in_slicer():
     libc = ctypes.PyDLL(None)
     slicer.mrmlScene = slicer.vtkMRMLScene()
     fixed, moving = make_pair()
-    run = RegistrationLogic().start(fixed, moving, update="gradient", max_steps=12, refreshEvery=3)
+    run = RegistrationLogic().start(fixed, moving, update="gradient", max_steps=12, refreshEvery=3, init="none")
     ticks = 0
     while True:
         libc.usleep(10000)  # Qt's event loop, GIL held
@@ -500,7 +503,7 @@ def test_gpu_request_without_gpu_and_out_of_memory_fall_back_to_cpu(monkeypatch)
         m.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
         to_tensor = core.to_tensor
         m.setattr(core, "to_tensor", lambda data, device, dtype=torch.float32: to_tensor(data, "cpu", dtype))
-        out = RegistrationLogic().register(fixed, moving, update="gradient", max_steps=4, device="auto",
+        out = RegistrationLogic().register(fixed, moving, update="gradient", max_steps=4, device="auto", init="none",
                                            refreshEvery=10)
     assert devices == ["cuda", "cpu"] and out.device == "cpu"
     assert any("out of memory" in msg for msg in out.messages)

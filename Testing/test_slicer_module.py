@@ -379,7 +379,8 @@ def test_widget_gui_and_parameter_node_round_trip(module):
     assert p.getNode("FixedVolume") is fixed and p.getNode("MovingVolume") is moving
     assert p.settings() == {"update": "gradient", "max_steps": 48, "tol": 0.002, "solver": "fixed-point",
                             "device": "cpu", "similarity": "mse", "diffusion_weight": 1.25, "window": 7,
-                            "step_size": 0.5, "sigma": 1.0, "pyramid": [4, 2, 1], "cpu_fallback": False}
+                            "step_size": 0.5, "sigma": 1.0, "pyramid": [4, 2, 1], "cpu_fallback": False,
+                            "init": "affine"}
     # and back: a fresh GUI shows the stored settings
     w2 = _widget_with_standin_ui(module)
     w2.updateGUIFromParameterNode()

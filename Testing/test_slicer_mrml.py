@@ -308,7 +308,8 @@ def test_parameter_node_survives_scene_save_and_load(scene):
     assert q.getNode("FixedVolume").GetName() == "fixedVol"
     assert q.get("CpuFallback") is False and q.get("Pyramid") == "4, 2, 1"
     assert q.settings() == {"update": "hybrid", "max_steps": 48, "tol": 2.5e-4, "solver": "fixed-point",
-                            "device": "auto", "model": "default", "pyramid": [4, 2, 1], "cpu_fallback": False}
+                            "device": "auto", "model": "default", "pyramid": [4, 2, 1], "cpu_fallback": False,
+                            "init": "affine"}
 
 
 def test_parameter_node_maps_to_the_library_settings_in_one_place(scene):
@@ -319,7 +320,7 @@ def test_parameter_node_maps_to_the_library_settings_in_one_place(scene):
     fields = set(config.setting_names())
     assert {p.setting for p in P.PARAMETERS if p.setting} <= fields
     assert set(P.UPDATES) == set(config.UPDATES) and set(P.SOLVERS) == set(config.SOLVER_NAMES)
-    assert set(P.SIMILARITIES) == set(config.SIMILARITIES)
+    assert set(P.SIMILARITIES) == set(config.SIMILARITIES) and set(P.INITS) == set(config.INITS)
     defaults = config.Settings()
     for p in P.PARAMETERS:
         if p.setting and p.auto is None:

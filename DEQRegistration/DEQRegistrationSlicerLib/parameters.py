@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 # The library's choices, repeated here because importing DEQRegistrationLib
 # imports torch (the module must load without it); a test checks they match.
 UPDATES = ("gradient", "learned", "hybrid")
+INITS = ("affine", "rigid", "center", "none")
 SOLVERS = ("anderson", "fixed-point")
 SIMILARITIES = ("lncc", "mse", "mind")
 DEVICES = ("auto", "cpu", "cuda")
@@ -85,15 +86,20 @@ PARAMETERS = (
     Parameter("ModelPath", str, ""),
     Parameter("Device", str, AUTO, DEVICES, setting="device"),
     Parameter("Similarity", str, "lncc", SIMILARITIES, setting="similarity", gradient_only=True),
-    Parameter("DiffusionWeight", float, 0.5, setting="diffusion_weight", gradient_only=True),
+    # 0 shows "auto": the similarity's own diffusion weight and step (the library's SIMILARITY_OPERATOR_DEFAULTS)
+    Parameter("DiffusionWeight", float, 0.0, setting="diffusion_weight", gradient_only=True, auto=0.0),
     Parameter("RefreshEvery", int, 5),
     # built by the module (no .ui widget): one row each
     Parameter("Window", int, 5, setting="window", gradient_only=True, label="LNCC window:",
               tooltip="Side of the local window of the LNCC similarity, in voxels (odd).", limits=(3, 15, 2),
               only_with=("Similarity", "lncc")),
-    Parameter("StepSize", float, 1.0, setting="step_size", gradient_only=True, label="Step size:",
-              tooltip="Descent step of the gradient update (larger moves faster, may oscillate).",
-              limits=(0.05, 10.0, 0.1, 2)),
+    Parameter("StepSize", float, 0.0, setting="step_size", gradient_only=True, label="Step size:", auto=0.0,
+              tooltip="Descent step of the gradient update (larger moves faster, may oscillate; auto: the "
+                      "similarity's own).",
+              limits=(0.0, 10.0, 0.1, 2)),
+    Parameter("Init", str, "affine", INITS, setting="init", label="Initial alignment:",
+              tooltip="The linear stage before the deformable one: none (trust the headers), centres of mass, "
+                      "rigid, or affine (rigid, then scaling and shear)."),
     Parameter("Sigma", float, 1.5, setting="sigma", gradient_only=True, label="Step smoothing:",
               tooltip="Width (voxels) of the Gaussian that smooths each step of the gradient update (0: none).",
               limits=(0.0, 10.0, 0.25, 2)),
