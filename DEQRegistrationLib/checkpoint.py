@@ -19,8 +19,8 @@ import torch
 
 from .config import CONFIG_VERSION, ModelConfig
 from .errors import InputError
-from .networks import UNet
-from .operators import HybridUpdate, LearnedUpdate, UpdateOperator
+from .networks import ConvNet, UNet
+from .operators import HybridUpdate, LearnedUpdate, LevelStack, RecurrentUpdate, UpdateOperator
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
@@ -29,13 +29,23 @@ def default_model_path(ndim: int) -> Path:
     return MODELS_DIR / f"default_{ndim}d.pt"
 
 
-def build_operator(config: ModelConfig) -> UpdateOperator:
-    """A fresh (untrained) operator of the configured kind."""
-    net = UNet(**config.unet)
+def _one_operator(config: ModelConfig) -> UpdateOperator:
+    net = (UNet if config.network == "unet" else ConvNet)(**config.unet)
+    if config.update == "learned" and config.recurrent_hidden:
+        return RecurrentUpdate(net, hidden=config.recurrent_hidden, window=config.window, similarity=config.similarity,
+                               scale=config.scale, second_order=config.second_order)
     if config.update == "learned":
         return LearnedUpdate(net, scale=config.scale)
     return HybridUpdate(net, tau=config.tau, sigma=config.sigma, window=config.window, similarity=config.similarity,
-                        scale=config.scale, diffusion_weight=config.diffusion_weight)
+                        scale=config.scale, diffusion_weight=config.diffusion_weight,
+                        second_order=config.second_order)
+
+
+def build_operator(config: ModelConfig) -> UpdateOperator:
+    """A fresh (untrained) operator of the configured kind; one per pyramid level with ``per_level_networks``."""
+    if config.per_level_networks:
+        return LevelStack([_one_operator(config) for _ in config.pyramid])
+    return _one_operator(config)
 
 
 def save_checkpoint(path, operator: UpdateOperator, config: ModelConfig, **extra) -> None:

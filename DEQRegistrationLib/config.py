@@ -47,6 +47,7 @@ PRESETS = {
                           "then MIND-SSC",
                     settings=dict(init="rigid", init_similarity="ncc", similarity="mind")),
 }
+NETWORKS = ("unet", "cnn")
 CONFIG_VERSION = 2
 
 
@@ -90,15 +91,20 @@ class TrainingRecord:
     factor: int = 1                   # the grid the network trained on: the fixed grid pooled by this
     loss_diffusion_weight: float = 1.0  # lambda of the training loss (LNCC + lambda diffusion)
     label_weight: float = 0.0         # weight of the soft-Dice loss on label maps
+    fold_weight: float = 0.0          # weight of the folding penalty mean(relu(-det J))
     lr: float = 1e-4
     data: str = ""
     n_states: int = 4                 # DEQ: supervised intermediate states
-    phantom_k: int = 5                # DEQ: phantom-gradient steps per state
+    phantom_k: int = 3                # DEQ: phantom-gradient steps per state (the paper's memory figures: ~3)
     phantom_damping: float = 0.8      # DEQ: damping of those steps
     solver_tol: float = 1e-3          # DEQ: tolerance of the training solve
     gamma: float = 0.8                # RIIR: state weights gamma^(K-1-i)
     init: str = ""                    # checkpoint the weights started from
     optimizer_steps: int = 0
+    subjects: List[str] = field(default_factory=list)      # folder data: the subjects trained on
+    val_subjects: List[str] = field(default_factory=list)  # held out for model selection
+    label_set: str = "pair"           # the labels the validation Dice averages over (see Training.evaluate)
+    augment: dict = field(default_factory=dict)            # Training.data.Augment keywords
     extra: dict = field(default_factory=dict)  # other facts worth keeping (free-form)
 
 
@@ -108,7 +114,7 @@ class ModelConfig:
 
     update: str                       # learned | hybrid
     ndim: int
-    unet: dict                        # networks.UNet constructor arguments
+    unet: dict                        # the network's constructor arguments (networks.UNet, or ConvNet)
     pyramid: List[int] = field(default_factory=lambda: [1])
     level_weights: Optional[List[float]] = None   # None: equal split
     solver: str = "fixed-point"       # the solver it was trained with and runs with
@@ -122,6 +128,10 @@ class ModelConfig:
     diffusion_weight: float = 0.0     # hybrid: diffusion term inside the operator's gradient step
     method: str = "deqreg"            # deqreg | voxelmorph | unroll | riir | gradirn
     trained_steps: Optional[int] = None
+    network: str = "unet"             # the class ``unet`` holds the arguments of: unet | cnn (GraDIRN's)
+    per_level_networks: bool = False  # one operator (network, tau) per pyramid level (GraDIRN, unroll)
+    recurrent_hidden: int = 0         # RIIR: hidden-state channels carried beside the field (0: none)
+    second_order: bool = False        # hybrid/RIIR: training differentiates through the similarity gradient
     training: TrainingRecord = field(default_factory=TrainingRecord)
 
     def __post_init__(self):
@@ -146,6 +156,10 @@ class ModelConfig:
             raise InputError("model config: tol must be >= 0")
         if self.similarity not in SIMILARITIES:
             raise InputError(f"model config: unknown similarity {self.similarity!r}")
+        if self.network not in NETWORKS:
+            raise InputError(f"model config: unknown network {self.network!r}; choose one of {', '.join(NETWORKS)}")
+        if int(self.recurrent_hidden) < 0 or (self.recurrent_hidden and self.update != "learned"):
+            raise InputError("model config: recurrent_hidden must be >= 0, and only a learned update carries one")
         return self
 
     def to_dict(self) -> dict:

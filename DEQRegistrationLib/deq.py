@@ -2,9 +2,16 @@
 
 DEQ: the solver runs without a graph (memory independent of its step count);
 the n intermediate states it records, at equal intervals of the budget, each
-get ``k`` damped steps with a graph, z <- (1 - lam) z + lam f(z), starting
-from the detached state. Gradients flow only through those steps: memory is
-n * k network applications whatever the solver's budget.
+get ``k`` damped steps with a graph, z <- (1 - damping) z + damping f(z),
+starting from the detached state. Gradients flow only through those steps.
+``DEQ.solve`` + ``DEQ.attach`` let a trainer back-propagate each state's loss
+as soon as its phantom steps are built (the gradients add up), so the peak is
+one state's graph, k network applications, whatever n and the solver's
+budget; ``DEQ.__call__`` returns all n states with their graphs at once.
+
+Defaults follow the paper: plain fixed-point iteration, T = 48. k = 3: the
+paper's memory figures put DEQReg at about 3 graph-carrying network calls
+(see docs/TRAINING.md, "Memory").
 
 BPTT: ``unroll`` keeps the graph of every step, memory linear in the steps.
 """
@@ -41,20 +48,28 @@ class DEQOutput:
 class DEQ:
     """Solve without a graph, then attach phantom gradients to n sampled states."""
 
-    def __init__(self, solver: str = "anderson", max_steps: int = 48, tol: float = 1e-4,
-                 phantom_k: int = 5, phantom_damping: float = 0.8, n_states: int = 4, **solver_kwargs):
+    def __init__(self, solver: str = "fixed-point", max_steps: int = 48, tol: float = 1e-4,
+                 phantom_k: int = 3, phantom_damping: float = 0.8, n_states: int = 4, **solver_kwargs):
         self.solver, self.max_steps, self.tol = solver, max_steps, tol
         self.phantom_k, self.phantom_damping, self.n_states = phantom_k, phantom_damping, n_states
         self.solver_kwargs = solver_kwargs
 
-    def __call__(self, f, z0: torch.Tensor, max_steps: Optional[int] = None) -> DEQOutput:
+    def solve(self, f, z0: torch.Tensor, max_steps: Optional[int] = None) -> SolverResult:
+        """The forward solve without a graph; ``.states`` holds the n detached states."""
         budget = max_steps or self.max_steps
         record = equal_interval_steps(budget, self.n_states)
         with torch.no_grad():
-            info = solve(f, z0.detach(), self.solver, max_steps=budget, tol=self.tol,
+            return solve(f, z0.detach(), self.solver, max_steps=budget, tol=self.tol,
                          record_at=record, **self.solver_kwargs)
+
+    def attach(self, f, state: torch.Tensor) -> torch.Tensor:
+        """One state with its phantom-gradient graph (k damped steps from it)."""
+        return phantom_steps(f, state, self.phantom_k, self.phantom_damping)
+
+    def __call__(self, f, z0: torch.Tensor, max_steps: Optional[int] = None) -> DEQOutput:
+        info = self.solve(f, z0, max_steps)
         if torch.is_grad_enabled():
-            states = [phantom_steps(f, s, self.phantom_k, self.phantom_damping) for s in info.states]
+            states = [self.attach(f, s) for s in info.states]
         else:
             states = list(info.states)
         return DEQOutput(states, info)

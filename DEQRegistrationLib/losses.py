@@ -61,16 +61,49 @@ def mse_loss(fixed: torch.Tensor, warped: torch.Tensor, reduction: str = "mean")
 
 
 def diffusion_loss(disp: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Diffusion regulariser: squared forward differences of the field, summed over axes.
+    """Diffusion regulariser on squared forward differences of the field.
 
-    With reduction='mean' this is VoxelMorph's ``Grad('l2')`` (mean per axis,
-    summed over axes); with 'sum' it is the total squared gradient.
+    ``reduction='mean'`` is VoxelMorph's ``Grad('l2')``: the mean squared
+    difference along each axis, *averaged* over the axes (VoxelMorph divides
+    the sum of per-axis means by ndim). The paper's lambda values (1 for
+    OASIS, 0.125 for NLST) are in this scale, so training uses it as is.
+    ``'sum'`` is the total squared gradient, summed over axes and voxels (no
+    division by ndim): the classical gradient mode's energy, whose step size
+    and diffusion weight were tuned on that scale.
     """
     ndim = disp.dim() - 2
     total = 0.0
     for axis in range(2, 2 + ndim):
         total = total + _reduce(torch.diff(disp, dim=axis) ** 2, reduction)
-    return total
+    return total if reduction == "sum" else total / ndim
+
+
+def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
+    """det(I + grad u) of a voxel-unit field (B, ndim, *S), forward differences: (B, *(S - 1))."""
+    ndim = disp.dim() - 2
+    J = []
+    for a in range(ndim):
+        row = []
+        for b in range(ndim):
+            d = torch.diff(disp[:, a], dim=1 + b)  # axis b shortened by one
+            keep = (slice(None),) + tuple(slice(None) if i == b else slice(0, n - 1)
+                                          for i, n in enumerate(disp.shape[2:]))
+            row.append(d[keep] + (1.0 if a == b else 0.0))
+        J.append(row)
+    if ndim == 2:
+        return J[0][0] * J[1][1] - J[0][1] * J[1][0]
+    return (J[0][0] * (J[1][1] * J[2][2] - J[1][2] * J[2][1])
+            - J[0][1] * (J[1][0] * J[2][2] - J[1][2] * J[2][0])
+            + J[0][2] * (J[1][0] * J[2][1] - J[1][1] * J[2][0]))
+
+
+def folding_loss(disp: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Mean of relu(margin - det J): zero unless the field folds (det J <= margin somewhere).
+
+    Only the folded voxels contribute, so it removes folds without the
+    overall smoothing a larger diffusion weight would add.
+    """
+    return torch.relu(margin - jacobian_determinant(disp)).mean()
 
 
 def diffusion_gradient(disp: torch.Tensor) -> torch.Tensor:

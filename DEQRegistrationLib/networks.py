@@ -73,3 +73,43 @@ class UNet(nn.Module):
             x = F.interpolate(x, size=skip.shape[2:], mode=mode, align_corners=False)
             x = u(torch.cat([x, skip], dim=1))
         return self.head(x)
+
+
+class ConvNet(nn.Module):
+    """A plain full-resolution CNN: ``layers`` 3^ndim convolutions of ``channels``
+    (leaky ReLU 0.2 between them), the last one to ``out_channels``.
+
+    GraDIRN's regulariser network (5 layers of 32 channels, no down-sampling).
+    The last layer starts near zero, as the U-Net's head does.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, out_channels: int, layers: int = 5, channels: int = 32,
+                 final_init: float = 1e-5):
+        super().__init__()
+        if layers < 2:
+            raise ValueError("a ConvNet needs at least 2 layers")
+        self.ndim = ndim
+        self.config = dict(ndim=ndim, in_channels=in_channels, out_channels=out_channels, layers=layers,
+                           channels=channels, final_init=final_init)
+        blocks = [ConvBlock(ndim, in_channels, channels)]
+        blocks += [ConvBlock(ndim, channels, channels) for _ in range(layers - 2)]
+        self.body = nn.Sequential(*blocks)
+        self.head = _conv(ndim)(channels, out_channels, 3, padding=1)
+        nn.init.normal_(self.head.weight, 0.0, final_init)
+        nn.init.zeros_(self.head.bias)
+
+    multiple = 1
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def build_network(spec: dict) -> nn.Module:
+    """A network from its config: U-Net kwargs, or ``{"kind": "cnn", ...}`` for ConvNet."""
+    spec = dict(spec)
+    kind = spec.pop("kind", "unet")
+    if kind == "unet":
+        return UNet(**spec)
+    if kind == "cnn":
+        return ConvNet(**spec)
+    raise ValueError(f"unknown network kind {kind!r}; choose unet or cnn")

@@ -12,6 +12,11 @@ so it does not know which operator it runs.
 * ``HybridUpdate``: GraDIRN-style, z - tau * grad(similarity) + U(...). With
   ``diffusion_weight`` > 0 and a zero network output it *is* ``GradientUpdate``,
   so a model can start from the classical method and learn corrections to it.
+* ``RecurrentUpdate``: RIIR, a recurrent inference machine: the network sees
+  the similarity gradient and a hidden state that the state tensor carries
+  beside the field (z = [field, hidden]); ``state_channels`` says how many.
+* ``LevelStack``: one operator per pyramid level (GraDIRN's separate network
+  and tau per level); ``for_level(i)`` is the operator of level i.
 """
 from __future__ import annotations
 
@@ -78,9 +83,25 @@ def make_similarity(similarity, window: int = 5) -> Similarity:
 
 
 class UpdateOperator(nn.Module):
-    """Base class; subclasses implement ``forward(z, fixed, moving)``."""
+    """Base class; subclasses implement ``forward(z, fixed, moving)``.
+
+    ``z`` holds the field in its first ndim channels; an operator with a
+    hidden state (``state_channels(ndim) > ndim``) keeps it in the rest.
+    """
 
     update = "base"  # the update rule's name: learned | gradient | hybrid
+
+    def state_channels(self, ndim: int) -> int:
+        return ndim
+
+    def for_level(self, level: int) -> "UpdateOperator":
+        """The operator of pyramid level ``level`` (one operator for all levels unless a ``LevelStack``)."""
+        return self
+
+    @property
+    def multiple(self) -> int:
+        """Every working grid must divide by this (the network's down-sampling)."""
+        return getattr(getattr(self, "net", None), "multiple", 1)
 
     def forward(self, z, fixed, moving):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -131,29 +152,95 @@ class HybridUpdate(UpdateOperator):
     """GraDIRN-style: z - tau * G_sigma * grad(E) + U(fixed, moving o z, z).
 
     E is the similarity plus ``diffusion_weight`` * diffusion (0: similarity
-    only, as in GraDIRN). The gradient enters as a detached input (no second-order
-    terms); ``tau`` is trainable.
+    only, as in GraDIRN). By default the gradient enters as a detached input
+    (no second-order terms); ``second_order=True`` back-propagates through it
+    while training, as GraDIRN's code does (``create_graph`` in training
+    mode). ``tau`` is trainable; ``sigma`` 0 is GraDIRN's raw gradient.
     """
 
     update = "hybrid"
 
     def __init__(self, net: nn.Module, tau: float = 1.0, sigma: float = 1.0, window: int = 5,
-                 similarity: str = "lncc", scale: float = 1.0, diffusion_weight: float = 0.0):
+                 similarity: str = "lncc", scale: float = 1.0, diffusion_weight: float = 0.0,
+                 second_order: bool = False):
         super().__init__()
         self.net = net
         self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
         self.sigma, self.window, self.scale = sigma, window, scale
         self.diffusion_weight = diffusion_weight
+        self.second_order = second_order
         self.sim = make_similarity(similarity, window)
         self.similarity = self.sim.name
 
     def forward(self, z, fixed, moving):
-        g = similarity_gradient(z, fixed, moving, self.sim, self.window, self.diffusion_weight)
+        create = self.second_order and self.training and torch.is_grad_enabled()
+        g = similarity_gradient(z, fixed, moving, self.sim, self.window, self.diffusion_weight,
+                                create_graph=create)
         g = gaussian_smooth(g, self.sigma)
         warped = warp(moving, z)
         return z - self.log_tau.exp() * g + self.scale * self.net(torch.cat([fixed, warped, z], dim=1))
 
 
+class RecurrentUpdate(UpdateOperator):
+    """RIIR: [z, h] -> [z + U_z, GRU(h)] with U's input (fixed, moving o z, z, grad E(z), h).
+
+    E is the similarity (sum reduction: the per-voxel gradient of a recurrent
+    inference machine's data term). The hidden state h (``hidden`` channels
+    at the working grid) is updated with a convolutional GRU gate:
+    h <- (1 - s) h + s tanh(c), s = sigmoid(u), u and c from U's output.
+    The gradient enters as a detached input unless ``second_order`` (then it
+    is back-propagated through while training).
+    """
+
+    update = "learned"
+
+    def __init__(self, net: nn.Module, hidden: int = 8, window: int = 5, similarity: str = "lncc",
+                 scale: float = 1.0, second_order: bool = False):
+        super().__init__()
+        self.net, self.hidden, self.window, self.similarity, self.scale = net, hidden, window, similarity, scale
+        self.second_order = second_order
+
+    def state_channels(self, ndim: int) -> int:
+        return ndim + self.hidden
+
+    def forward(self, z, fixed, moving):
+        ndim = fixed.dim() - 2
+        field, h = z[:, :ndim], z[:, ndim:]
+        create = self.second_order and self.training and torch.is_grad_enabled()
+        g = similarity_gradient(field, fixed, moving, self.similarity, self.window, 0.0, create_graph=create)
+        out = self.net(torch.cat([fixed, warp(moving, field), field, g, h], dim=1))
+        dz, u, c = torch.split(out, [ndim, self.hidden, self.hidden], dim=1)
+        s = torch.sigmoid(u)
+        return torch.cat([field + self.scale * dz, (1 - s) * h + s * torch.tanh(c)], dim=1)
+
+
+class LevelStack(UpdateOperator):
+    """One operator per pyramid level, coarse to fine (GraDIRN: a network and a tau per level)."""
+
+    def __init__(self, levels):
+        super().__init__()
+        self.levels = nn.ModuleList(levels)
+        self.update = self.levels[0].update
+
+    def for_level(self, level: int) -> UpdateOperator:
+        return self.levels[level]
+
+    def state_channels(self, ndim: int) -> int:
+        return self.levels[0].state_channels(ndim)
+
+    @property
+    def multiple(self) -> int:
+        return max(op.multiple for op in self.levels)
+
+    def forward(self, z, fixed, moving):
+        raise TypeError("LevelStack runs one level at a time: call for_level(i)(z, fixed, moving)")
+
+
 def field_channels(ndim: int) -> int:
     """Input channels of the update network: fixed, warped moving, field."""
     return 2 + ndim
+
+
+def recurrent_channels(ndim: int, hidden: int):
+    """(input, output) channels of RIIR's network: + gradient and hidden state in; field update and two gates out."""
+    return 2 + 2 * ndim + hidden, ndim + 2 * hidden

@@ -235,7 +235,7 @@ def make_plan(settings: Settings, op: UpdateOperator, config: Optional[ModelConf
         if source == "auto":
             grid.update(describe_rule(shape, spacing))
     return Plan(solver=solver, tol=float(pick("tol")), levels=levels,
-                multiple=getattr(getattr(op, "net", None), "multiple", 1), solver_options=options, grid=grid)
+                multiple=op.multiple, solver_options=options, grid=grid)
 
 
 def register(fixed: Image, moving: Image, settings: Optional[Settings] = None, *,
@@ -368,8 +368,8 @@ class _Registration:
         return data.__array_interface__["data"][0] if isinstance(data, np.ndarray) else -1
 
     def _full(self, z: torch.Tensor, factor: int) -> torch.Tensor:
-        """A working-grid field as a field on the whole fixed grid."""
-        return upsample_field(z, factor)[self.crop]
+        """A working-grid state's field (its first ndim channels) as a field on the whole fixed grid."""
+        return upsample_field(z[:, : self.fixed.ndim], factor)[self.crop]
 
     def _report(self, stage: str, level_index: int, n_levels: int, residual: float, full_field,
                 world_sampler: Sampler, z: Optional[torch.Tensor] = None, factor: int = 1) -> bool:
@@ -393,7 +393,8 @@ class _Registration:
 
     def _on_step(self, level_index: int, factor: int, residual: float, z: torch.Tensor) -> bool:
         return self._report("deformable", level_index, len(self.plan.levels), residual,
-                            lambda: self.sampler.composed_displacement(self._full(z, factor)), self.sampler, z, factor)
+                            lambda: self.sampler.composed_displacement(self._full(z, factor)), self.sampler,
+                            z[:, : self.fixed.ndim], factor)
 
     def _on_alignment_step(self, kind: str, level_index: int, n_levels: int, residual: float, W: np.ndarray) -> bool:
         sampler = Sampler.between(self.fixed, self.moving, W)
@@ -427,8 +428,11 @@ class _Registration:
             with torch.no_grad():
                 fl, ml, wl = pyramid[index]
                 pyramid[index] = None
-                op = self.op if wl is None else (lambda zz, f_, m_, op=self.op, wl=wl: op(zz, f_, m_, weight=wl))
-                z = (torch.zeros(1, ndim, *fl.shape[2:], device=self.device) if z is None
+                # the state: the field (+ a recurrent model's hidden state); each level runs its own operator
+                op = self.op.for_level(index)
+                if wl is not None:
+                    op = (lambda zz, f_, m_, op=op, wl=wl: op(zz, f_, m_, weight=wl))
+                z = (torch.zeros(1, self.op.state_channels(ndim), *fl.shape[2:], device=self.device) if z is None
                      else upsample_field(z, prev // level.factor))
                 res = solve(lambda zz: op(zz, fl, ml), z, self.plan.solver, max_steps=level.steps + spare,
                             tol=self.plan.tol, **self.plan.solver_options,
@@ -440,7 +444,7 @@ class _Registration:
                 break
         del pyramid, fl, ml, wl
         # the final field straight into a float32 array on the fixed grid, slab by slab (``chunked``)
-        disp_np = chunked.upsample_field_into(z, prev, self.fixed.shape)
+        disp_np = chunked.upsample_field_into(z[:, :ndim], prev, self.fixed.shape)  # a recurrent model's hidden state dropped
         del z, res
         return self._result(disp_np, converged, stopped)
 

@@ -122,30 +122,49 @@ def make_learn2reg(root: Path, paired: bool, n: int = 3, shape=(16, 16, 16)) -> 
                                            "moving": f"./imagesTr/{name}_{i:04d}_0001.nii.gz"} for i in range(1, n + 1)]
         meta["registration_val"] = [{"fixed": f"./imagesTr/{name}_{n:04d}_0000.nii.gz",
                                      "moving": f"./imagesTr/{name}_{n:04d}_0001.nii.gz"}]
-    else:
+    else:  # like Learn2Reg's OASIS: consecutive subjects, all of them also in "training"
         meta["registration_val"] = [{"fixed": f"./imagesTr/{name}_0001_0000.nii.gz",
-                                     "moving": f"./imagesTr/{name}_0002_0000.nii.gz"}]
+                                     "moving": f"./imagesTr/{name}_0002_0000.nii.gz"},
+                                    {"fixed": f"./imagesTr/{name}_0002_0000.nii.gz",
+                                     "moving": f"./imagesTr/{name}_0003_0000.nii.gz"}]
     path = root / f"{name}_dataset.json"
     path.write_text(json.dumps(meta, indent=1))
     return path
 
 
 def test_learn2reg_loader_paired_and_unpaired(tmp_path):
-    js = make_learn2reg(tmp_path / "nlst", paired=True)
-    ds = Learn2RegDataset(js)
+    js = make_learn2reg(tmp_path / "nlst", paired=True, n=5)
+    ds = Learn2RegDataset(js)  # train: cases 1-3 (5 is the test case, 4 the validation case)
     assert len(ds.pairs) == 3 and ds.pairs[0][1].endswith("NLST_0001_0001.nii.gz")
     s = ds.sample(torch.Generator().manual_seed(0))
     assert s["fixed"].shape == (16, 16, 16) and s["fixed_keypoints"].shape == (5, 3) and "fixed_mask" in s
-    val = Learn2RegDataset(js, split="registration_val")
-    assert len(val.pairs) == 1
+    assert [p[0][-18:] for p in Learn2RegDataset(js, split="val").pairs] == ["NLST_0004_0000.nii.gz"[-18:]]
+    assert len(Learn2RegDataset(js, split="test").pairs) == 1
 
-    js2 = make_learn2reg(tmp_path / "oasis", paired=False)
+    js2 = make_learn2reg(tmp_path / "oasis", paired=False, n=7)
     ds2 = Learn2RegDataset(js2)
-    assert len(ds2.pairs) == 6  # every ordered pair of 3 volumes
+    assert len(ds2.pairs) == 6  # every ordered pair of the 3 training volumes (4, 5, 6; 1-3 test, 7 val)
     s2 = ds2.pair(0)
     assert s2["fixed_labels"].dtype == np.int32 and s2["moving_labels"].shape == (16, 16, 16)
     f, m = to_working_grid(s2, 2, 8)
     assert f.shape == (1, 1, 8, 8, 8) and 0 <= float(f.min()) and float(f.max()) <= 1
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_learn2reg_splits_share_no_subject(tmp_path, paired):
+    """The JSON's training list holds the registration_val subjects too: no subject may be in two splits."""
+    js = make_learn2reg(tmp_path, paired=paired, n=12)
+    from Training.data import learn2reg_subject
+    seen = {}
+    for split in ("train", "val", "test"):
+        ds = Learn2RegDataset(js, split=split, n_val=2)
+        seen[split] = {learn2reg_subject(x) for pair in ds.pairs for x in pair}
+        if split != "test":
+            assert seen[split] == ds.subjects[split]
+    assert not seen["train"] & seen["val"] and not seen["train"] & seen["test"] and not seen["val"] & seen["test"]
+    assert len(seen["val"]) == 2 and seen["train"]
+    # every subject of the task is somewhere: nothing silently dropped
+    assert seen["train"] | seen["val"] | seen["test"] == {f"{i:04d}" for i in range(1, 13)}
 
 
 def test_folder_loader_random_pairs(tmp_path):
@@ -185,9 +204,11 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_ddp_gloo_two_processes_keep_replicas_identical(tmp_path):
+    """DEQReg back-propagates once per state inside a step (what DDP's reducer cannot take): the
+    explicit gradient averaging must keep the two replicas identical while they draw different data."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "Training.train", "--method", "unroll", "--unroll-steps", "2", "--data", "synthetic", "--shape",
+           "-m", "Training.train", "--method", "deqreg", "--max-steps", "4", "--data", "synthetic", "--shape",
            "32", "32", "--enc", "8", "8", "8", "--dec", "8", "8", "8", "--lr", "1e-2", "--steps", "3",
            "--out", str(out), "--no-progress", "--save-replicas", "--threads", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -209,11 +230,11 @@ def test_evaluate_writes_tables_and_convergence(tmp_path):
     js = make_learn2reg(tmp_path / "oasis", paired=False, shape=(16, 16))
     model = tmp_path / "vm.pt"
     torch.manual_seed(0)
-    cfg = make_config("unroll", 2, enc=(4, 4, 4), dec=(4, 4, 4), unroll_steps=2)
+    cfg = make_config("unroll", 2, cnn_channels=4, cnn_layers=3, levels=(2, 1), repeats=1)
     from DEQRegistrationLib.checkpoint import save_checkpoint
     save_checkpoint(model, build_operator(cfg), cfg)
     hybrid = tmp_path / "gd.pt"
-    gcfg = make_config("gradirn", 2, enc=(4, 4, 4), dec=(4, 4, 4), levels=(2, 1), repeats=1)
+    gcfg = make_config("gradirn", 2, cnn_channels=4, cnn_layers=3, levels=(2, 1), repeats=1)
     save_checkpoint(hybrid, build_operator(gcfg), gcfg)
     out = tmp_path / "eval"
     evaluate.main(["table", "--models", "gradient", str(model), str(hybrid), "--json", str(js), "--out", str(out),
@@ -231,3 +252,13 @@ def test_evaluate_writes_tables_and_convergence(tmp_path):
                    "--max-steps", "3"])
     assert "TRE" in (tmp_path / "e2" / "table.md").read_text()
     assert "-" != (tmp_path / "e2" / "table.csv").read_text().splitlines()[1].split(",")[12]
+
+
+def test_learn2reg_validation_uses_the_val_split(tmp_path):
+    js = make_learn2reg(tmp_path, paired=False, n=8)
+    args = train.parse_args(["--method", "voxelmorph", "--data", "learn2reg", "--json", str(js), "--n-val", "2",
+                             "--val-every", "1", "--out", str(tmp_path / "r")])
+    loaders = train.validation_pairs(args)
+    val = Learn2RegDataset(js, split="val", n_val=2)
+    assert len(loaders) == len(val.pairs) == 2  # subjects 7 and 8, both directions
+    np.testing.assert_array_equal(loaders[0]()["fixed"], val.pair(0)["fixed"])

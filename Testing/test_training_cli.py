@@ -16,7 +16,8 @@ def _rows(run):
 
 def test_init_starts_from_another_checkpoints_weights(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    train.main(["--method", "unroll", "--unroll-steps", "2", "--steps", "2", "--lr", "1e-2", "--out", str(a)] + TINY)
+    # voxelmorph: the same U-Net as deqreg (unroll has a network per level since it follows GraDIRN)
+    train.main(["--method", "voxelmorph", "--steps", "2", "--lr", "1e-2", "--out", str(a)] + TINY)
     # lr 0: AdamW changes nothing, so b's weights are exactly the ones it started from
     train.main(["--method", "deqreg", "--max-steps", "3", "--n-states", "1", "--phantom-k", "1", "--steps", "1",
                 "--lr", "0", "--init", str(a / "last.pt"), "--seed", "5", "--out", str(b)] + TINY)

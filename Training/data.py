@@ -14,6 +14,7 @@ import glob
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -122,65 +123,199 @@ def load_pair(fixed_entry: dict, moving_entry: dict) -> Dict[str, np.ndarray]:
     return out
 
 
+def subject_tokens(path) -> List[str]:
+    """The dash/underscore/dot-delimited tokens of a file name ("OASIS-TRT-20-7_slice118" -> ..., "7", ...)."""
+    return re.split(r"[-_.]", os.path.basename(str(path)))
+
+
+def folder_entries(folder, patterns: Sequence[str] = ("*.nii.gz", "*.nii"), label_sub: Optional[Sequence[str]] = None,
+                   subjects: Optional[Sequence[str]] = None,
+                   exclude: Sequence[str] = ("label", "seg", "mask")) -> List[Dict[str, Optional[str]]]:
+    """``{"image", "label"}`` entries for the images of a folder.
+
+    Files whose name contains label/seg/mask are not images. ``label_sub`` =
+    (pattern, replacement) turns an image file name into its label file name
+    (a regular-expression substitution; label None when that file is absent).
+    ``subjects``: keep files whose name has one of these strings as a whole
+    dash/underscore-delimited token ("7" keeps "OASIS-TRT-20-7_slice118", not
+    "...-17_...").
+    """
+    files = sorted({p for pat in patterns for p in glob.glob(os.path.join(str(folder), pat))})
+    files = [p for p in files if not any(x in os.path.basename(p).lower() for x in exclude)]
+    if subjects:
+        wanted = {str(s) for s in subjects}
+        files = [p for p in files if wanted & set(subject_tokens(p))]
+    out = []
+    for f in files:
+        lab = None
+        if label_sub:
+            cand = os.path.join(os.path.dirname(f), re.sub(label_sub[0], label_sub[1], os.path.basename(f)))
+            lab = cand if os.path.isfile(cand) and cand != f else None
+        out.append({"image": f, "label": lab})
+    return out
+
+
 class FolderPairs:
-    """Random ordered pairs of NIfTI images in a folder (unsupervised; label maps excluded by name)."""
+    """Random ordered pairs of the NIfTI images in a folder, with their label maps when ``label_sub`` finds them.
+
+    ``subjects`` restricts the images (see ``folder_entries``): the training
+    subjects, never the evaluation ones. Files are read once and kept.
+    """
 
     prefactored = False
 
     def __init__(self, folder, patterns: Sequence[str] = ("*.nii.gz", "*.nii"),
-                 exclude: Sequence[str] = ("label", "seg", "mask")):
-        files = sorted({p for pat in patterns for p in glob.glob(os.path.join(folder, pat))})
-        self.files = [p for p in files if not any(x in os.path.basename(p).lower() for x in exclude)]
+                 exclude: Sequence[str] = ("label", "seg", "mask"), label_sub: Optional[Sequence[str]] = None,
+                 subjects: Optional[Sequence[str]] = None):
+        self.entries = folder_entries(folder, patterns, label_sub, subjects, exclude)
+        self.files = [e["image"] for e in self.entries]
         if len(self.files) < 2:
-            raise ValueError(f"need at least 2 images in {folder} matching {list(patterns)}, found {len(self.files)}")
-        self._cache: Dict[str, dict] = {}
+            raise ValueError(f"need at least 2 images in {folder} matching {list(patterns)}"
+                             f"{' for subjects ' + str(list(subjects)) if subjects else ''}, found {len(self.files)}")
+        self._cache: Dict[tuple, dict] = {}
+
+    def pair(self, i: int, j: int) -> Dict[str, np.ndarray]:
+        key = (i, j)
+        if key not in self._cache:
+            self._cache[key] = load_pair(self.entries[i], self.entries[j])
+        return dict(self._cache[key])
 
     def sample(self, gen: torch.Generator) -> Dict[str, np.ndarray]:
         i = _randint(gen, len(self.files))
         j = _randint(gen, len(self.files) - 1)
         j = j + 1 if j >= i else j
-        return load_pair({"image": self.files[i]}, {"image": self.files[j]})
+        return self.pair(i, j)
+
+
+class Augment:
+    """Random augmentation of a source's pairs (full-resolution arrays, before the working grid).
+
+    * ``flip``: each axis in ``flip_axes`` flipped with probability 1/2, the
+      same flips for both images and their label maps (left-right symmetry:
+      anatomy stays anatomy, the pair's correspondence is kept).
+    * ``rotate`` degrees / ``scale``: a small random rotation (2D: in plane;
+      3D: about each axis) and isotropic scaling about the centre, drawn
+      *independently* for fixed and moving (more varied misalignments);
+      images linear, label maps nearest.
+    * ``gamma``: intensities mapped to [0, 1] (percentiles, as register()
+      does) and raised to exp(N(0, gamma)), independently per image.
+    All draws come from the training generator, so resume stays exact.
+    """
+
+    def __init__(self, source, flip_axes: Sequence[int] = (0,), rotate: float = 0.0, scale: float = 0.0,
+                 gamma: float = 0.0):
+        self.source, self.flip_axes = source, tuple(flip_axes)
+        self.rotate, self.scale, self.gamma = rotate, scale, gamma
+        self.prefactored = getattr(source, "prefactored", False)
+
+    def _matrix(self, gen, ndim: int) -> torch.Tensor:
+        angles = [float(_uniform(gen, -self.rotate, self.rotate)) * math.pi / 180 for _ in range(1 if ndim == 2 else 3)]
+        R = torch.eye(ndim, dtype=torch.float64)
+        planes = [(0, 1)] if ndim == 2 else [(1, 2), (0, 2), (0, 1)]
+        for a, (p, q) in zip(angles, planes):
+            G = torch.eye(ndim, dtype=torch.float64)
+            G[p, p] = G[q, q] = math.cos(a)
+            G[p, q], G[q, p] = -math.sin(a), math.sin(a)
+            R = G @ R
+        return R * math.exp(float(_uniform(gen, -self.scale, self.scale)))
+
+    @staticmethod
+    def _sampler(shape, M: torch.Tensor) -> Sampler:
+        """The one sampler, with M about the grid's centre as its world transform (voxel = world here)."""
+        ndim = len(shape)
+        c = np.array([(n - 1) / 2 for n in shape])
+        W = np.eye(4)
+        W[:ndim, :ndim] = M.numpy()
+        W[:ndim, 3] = c - M.numpy() @ c
+        return Sampler(shape, np.eye(4), np.eye(4), world=W)
+
+    def sample(self, gen: torch.Generator) -> Dict[str, np.ndarray]:
+        s = self.source.sample(gen)
+        ndim = np.ndim(s["fixed"])
+        flips = [ax for ax in self.flip_axes if float(torch.rand(1, generator=gen)) < 0.5]
+        for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
+            if key in s and flips:
+                s[key] = np.ascontiguousarray(np.flip(s[key], axis=tuple(flips)))
+        for which in ("fixed", "moving"):
+            if self.rotate or self.scale:
+                sampler = self._sampler(np.shape(s[which]), self._matrix(gen, ndim))
+                s[which] = sampler.image(np.asarray(s[which], dtype=np.float32))
+                if f"{which}_labels" in s:
+                    s[f"{which}_labels"] = sampler.labels(np.asarray(s[f"{which}_labels"]))
+            if self.gamma:
+                x = normalize_intensity(torch.as_tensor(np.asarray(s[which], dtype=np.float32)))
+                g = math.exp(float(torch.randn(1, generator=gen)) * self.gamma)
+                s[which] = (x ** g).numpy()
+        return s
+
+
+def learn2reg_subject(path: str) -> str:
+    """The subject of a Learn2Reg file, ``{TASK}_{subject}_{timepoint}.nii.gz`` -> subject
+    (OASIS: one volume per subject; NLST: a case's two time points share it)."""
+    parts = Path(path).name.split(".")[0].split("_")
+    return parts[-2] if len(parts) >= 3 else parts[-1]
 
 
 class Learn2RegDataset:
-    """The Learn2Reg ``{name}_dataset.json`` layout (OASIS, NLST, ...).
+    """The Learn2Reg ``{name}_dataset.json`` layout (OASIS, NLST, ...), split by subject.
 
     Paths in the JSON are relative to the JSON's folder ("./imagesTr/...").
     ``training`` lists volumes with optional ``label``/``mask``/``keypoints``
-    files; training pairs are ``training_paired_images`` when the task is
-    paired (NLST), otherwise every ordered pair of distinct training volumes
-    (OASIS). ``registration_val`` lists the validation pairs (fixed, moving).
-    Keypoint CSVs hold one voxel coordinate per row.
+    files; ``registration_val`` lists (fixed, moving) pairs. The JSON's
+    ``training`` list includes the ``registration_val`` subjects, so taking
+    it as is would train on the evaluation pairs. The splits follow the
+    paper's idea, train / val / test with no subject in two of them:
+
+    * ``test``: the ``registration_val`` pairs (their subjects are the test subjects);
+    * ``val``: the last ``n_val`` of the remaining subjects (sorted by id;
+      default 10 %, at least 1), for model selection;
+    * ``train``: every other subject.
+
+    Within train and val, pairs are ``training_paired_images`` restricted to
+    the split's subjects for paired tasks (NLST), else every ordered pair of
+    distinct volumes of the split (OASIS). Keypoint CSVs hold one voxel
+    coordinate per row.
     """
 
     prefactored = False
+    SPLITS = ("train", "val", "test")
 
-    def __init__(self, json_path, split: str = "training"):
+    def __init__(self, json_path, split: str = "train", n_val: Optional[int] = None):
+        split = {"training": "train", "registration_val": "test"}.get(split, split)
+        if split not in self.SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose from {self.SPLITS}")
         self.json_path = Path(json_path)
         self.root = self.json_path.parent
         with open(self.json_path) as fh:
             self.meta = json.load(fh)
-        self.entries = {self._norm(e["image"]): {k: self._abs(v) for k, v in e.items() if isinstance(v, str)}
+        self.entries = {self._abs(e["image"]): {k: self._abs(v) for k, v in e.items() if isinstance(v, str)}
                         for e in self.meta.get("training", [])}
-        if split == "training":
+        test_pairs = [(self._abs(p["fixed"]), self._abs(p["moving"])) for p in self.meta.get("registration_val", [])]
+        test = {learn2reg_subject(x) for pair in test_pairs for x in pair}
+        rest = sorted({learn2reg_subject(p) for p in self.entries} - test)
+        n_val = max(1, round(0.1 * len(rest))) if n_val is None else int(n_val)
+        if split != "test" and n_val >= len(rest):
+            raise ValueError(f"{json_path}: {len(rest)} non-test subjects cannot give {n_val} validation subjects "
+                             "and a training set")
+        val = set(rest[len(rest) - n_val:]) if n_val else set()
+        self.subjects = {"train": set(rest) - val, "val": val, "test": test}
+        self.split = split
+        if split == "test":
+            self.pairs = test_pairs
+        else:
+            mine = self.subjects[split]
             paired = self.meta.get("training_paired_images")
             if paired:
-                self.pairs = [(self._abs(p["fixed"]), self._abs(p["moving"])) for p in paired]
+                pairs = [(self._abs(p["fixed"]), self._abs(p["moving"])) for p in paired]
+                self.pairs = [(f, m) for f, m in pairs if learn2reg_subject(f) in mine and learn2reg_subject(m) in mine]
             else:
-                imgs = [e["image"] for e in self.entries.values()]
+                imgs = [p for p in self.entries if learn2reg_subject(p) in mine]
                 self.pairs = [(a, b) for a in imgs for b in imgs if a != b]
-        elif split in ("registration_val", "val"):
-            self.pairs = [(self._abs(p["fixed"]), self._abs(p["moving"])) for p in self.meta["registration_val"]]
-        else:
-            raise ValueError(f"unknown split {split!r}")
         if not self.pairs:
             raise ValueError(f"{json_path}: no pairs in split {split!r}")
 
     def _abs(self, rel: str) -> str:
         return str((self.root / rel).resolve())
-
-    def _norm(self, rel: str) -> str:
-        return self._abs(rel)
 
     def entry(self, image_path: str) -> dict:
         return self.entries.get(image_path, {"image": image_path})
@@ -241,20 +376,29 @@ def labels_to_working_grid(sample: dict, factor: int, multiple: int, prefactored
 
 def build_source(kind: str, *, ndim: int = 2, shape: Sequence[int] = (64, 64), folder: Optional[str] = None,
                  patterns: Sequence[str] = ("*.nii.gz", "*.nii"), json_path: Optional[str] = None,
-                 mix: float = 0.5, max_disp: float = 4.0):
-    """``kind``: synthetic | folder | learn2reg | synthetic+folder | synthetic+learn2reg."""
+                 mix: float = 0.5, max_disp: float = 4.0, label_sub: Optional[Sequence[str]] = None,
+                 subjects: Optional[Sequence[str]] = None, split: str = "train", n_val: Optional[int] = None,
+                 augment: Optional[dict] = None):
+    """``kind``: synthetic | folder | learn2reg | synthetic+folder | synthetic+learn2reg.
+
+    ``subjects`` restricts the folder's images; ``split`` and ``n_val`` pick
+    the Learn2Reg split (training uses "train": never a validation or test
+    subject); ``augment`` (``Augment`` keywords) wraps the real-image source.
+    """
     parts: List[object] = []
     for k in kind.split("+"):
         if k == "synthetic":
             if len(shape) != ndim:
                 raise ValueError(f"--shape needs {ndim} sizes")
             parts.append(SyntheticPairs(shape, max_disp=max_disp))
-        elif k == "folder":
-            parts.append(FolderPairs(folder, patterns))
+            continue
+        if k == "folder":
+            src = FolderPairs(folder, patterns, label_sub=label_sub, subjects=subjects)
         elif k == "learn2reg":
-            parts.append(Learn2RegDataset(json_path))
+            src = Learn2RegDataset(json_path, split=split, n_val=n_val)
         else:
             raise ValueError(f"unknown data kind {k!r}")
+        parts.append(Augment(src, **augment) if augment else src)
     if len(parts) == 1:
         return parts[0]
     if len(parts) == 2:

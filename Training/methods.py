@@ -1,20 +1,35 @@
-"""The compared training methods, all on one U-Net definition.
+"""The compared training methods, each as its paper describes it.
 
-* ``deqreg``: DEQ, solver without a graph (up to 48 steps), phantom gradients
-  (k 5, lambda 0.8) on 4 states at equal intervals, uniform loss weights.
+* ``deqreg`` (the paper's): the residual update z + U(F, M o z, z) solved as a
+  fixed point by plain fixed-point iteration (T = 48, no graph); phantom
+  gradients (k = 3 damped steps, damping 0.8) on n = 4 states at equal
+  intervals, uniform weights. Each state's loss is back-propagated as soon as
+  its phantom steps are built, so the peak memory is one state's graph.
 * ``voxelmorph``: one step of the residual update from a zero field.
-* ``unroll``: K plain steps with a full graph (BPTT), loss on the last state.
-* ``riir``: K unrolled steps, loss on every state, exponentially increasing weights.
-* ``gradirn``: HybridUpdate (similarity gradient + learned term), levels 1/4, 1/2,
-  1 of the working grid, ``repeats`` unrolled steps each, loss on the final field.
+* ``riir``: a recurrent inference machine, K = 6 unrolled steps at a single
+  resolution; the network sees the similarity gradient and a hidden state
+  (``RecurrentUpdate``); loss on every state with exponentially increasing
+  weights gamma^(K-1-i).
+* ``unroll``: GraDIRN without the similarity gradient: 3 levels (1/4, 1/2, 1 of
+  the working grid) x 3 steps of z + U_l(F, M o z, z), a separate network per
+  level, BPTT, loss on the final field.
+* ``gradirn``: 3 levels x 3 steps of z - tau_l grad(similarity) + U_l(...), a
+  separate network and a trainable tau per level, the raw gradient
+  back-propagated through (second order, as GraDIRN's code), loss on the final
+  field.
 
-``TrainStep`` wraps operator + method + loss in one module whose forward is
-the whole iteration's loss, so DistributedDataParallel hooks exactly one
-forward per backward however many times the operator runs inside.
+Networks: the U-Net for deqreg, voxelmorph and riir (the paper: "the same U-Net
+configuration as VoxelMorph and RIIR"); GraDIRN's regulariser CNN (5 layers of
+32 channels, full resolution) per level for gradirn and unroll. ``net``
+swaps them.
+
+``TrainStep.backward`` computes one optimiser step's gradients and returns the
+loss; ``TrainStep.forward`` returns the same objective as one tensor with the
+whole graph (for tests and the memory comparison).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,26 +38,33 @@ from DEQRegistrationLib import losses
 from DEQRegistrationLib.checkpoint import build_operator
 from DEQRegistrationLib.config import ModelConfig, TrainingRecord
 from DEQRegistrationLib.deq import DEQ, equal_interval_steps, state_weights, unroll
-from DEQRegistrationLib.operators import field_channels
+from DEQRegistrationLib.operators import field_channels, recurrent_channels
 from DEQRegistrationLib.transforms import downsample_image, upsample_field, warp
 
 METHODS = ("deqreg", "voxelmorph", "unroll", "riir", "gradirn")
+LEVEL_METHODS = ("unroll", "gradirn")
+DEFAULT_NET = {"deqreg": "unet", "voxelmorph": "unet", "riir": "unet", "unroll": "cnn", "gradirn": "cnn"}
 
 
 def make_config(method: str, ndim: int, enc=(16, 32, 32), dec=(32, 32, 16), factor: int = 1,
-                max_steps: int = 48, unroll_steps: int = 3, levels=(4, 2, 1), repeats: int = 3,
-                final_init: float = 1e-5, update: str = "learned", diffusion_weight: float = 0.0, tau: float = 1.0,
-                sigma: float = 1.0, pyramid=None, solver: str = "anderson", **training) -> ModelConfig:
+                max_steps: int = 48, unroll_steps: int = 6, levels=(4, 2, 1), repeats: int = 3,
+                final_init: float = 1e-5, update: str = "learned", diffusion_weight: float = 0.0,
+                tau: Optional[float] = None, sigma: Optional[float] = None, pyramid=None, solver: str = "fixed-point",
+                net: Optional[str] = None, cnn_layers: int = 5, cnn_channels: int = 32, hidden: int = 8,
+                **training) -> ModelConfig:
     """The model's config (``ModelConfig``): what register() and this trainer rebuild the model from.
 
     ``factor`` is the working grid the network trains on (the fixed grid
-    pooled by it). ``update="hybrid"`` (deqreg only) solves z = z - tau G_sigma
-    grad(LNCC + diffusion_weight diffusion) + U(...) as a DEQ: with
-    ``diffusion_weight`` equal to gradient mode's and a zero-initialised head
-    it starts *as* gradient mode. ``pyramid`` (coarse to fine, ending at the
-    training grid or finer) is what register() runs; default: the training
-    grid alone. GraDIRN's pyramid is ``levels`` times ``factor``, ``repeats``
-    steps per level. ``training`` holds ``TrainingRecord`` fields.
+    pooled by it). ``max_steps`` is DEQReg's solver budget T, ``unroll_steps``
+    RIIR's K, ``levels`` x ``repeats`` the pyramid of unroll and GraDIRN (their
+    stored pyramid is ``levels`` times ``factor``). ``solver`` is stored, so
+    register() and the evaluation run what was trained. ``update="hybrid"``
+    (deqreg only) solves z = z - tau G_sigma grad(LNCC + diffusion_weight
+    diffusion) + U(...) as a DEQ: with ``diffusion_weight`` equal to gradient
+    mode's and a zero-initialised head it starts *as* gradient mode.
+    ``pyramid`` (coarse to fine) is what register() runs for the other
+    methods; default: the training grid alone. ``training`` holds
+    ``TrainingRecord`` fields.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -50,20 +72,53 @@ def make_config(method: str, ndim: int, enc=(16, 32, 32), dec=(32, 32, 16), fact
         raise ValueError(f"unknown update {update!r}; choose learned or hybrid")
     if update == "hybrid" and method != "deqreg":
         raise ValueError("--update hybrid is for --method deqreg (gradirn is always hybrid)")
-    unet = dict(ndim=ndim, in_channels=field_channels(ndim), out_channels=ndim, enc=list(enc), dec=list(dec),
-                final_init=final_init)
-    if method == "gradirn":
+    net = net or DEFAULT_NET[method]
+    cin, cout = field_channels(ndim), ndim
+    if method == "riir":
+        cin, cout = recurrent_channels(ndim, hidden)
+    if net == "unet":
+        args = dict(ndim=ndim, in_channels=cin, out_channels=cout, enc=list(enc), dec=list(dec), final_init=final_init)
+    elif net == "cnn":
+        args = dict(ndim=ndim, in_channels=cin, out_channels=cout, layers=cnn_layers, channels=cnn_channels,
+                    final_init=final_init)
+    else:
+        raise ValueError(f"unknown net {net!r}; choose unet or cnn")
+    if method in LEVEL_METHODS:
         pyramid = [factor * int(lv) for lv in levels]
-    steps = {"deqreg": max_steps, "voxelmorph": 1, "unroll": unroll_steps, "riir": unroll_steps,
-             "gradirn": repeats * len(pyramid or [factor])}[method]
+    steps = {"deqreg": max_steps, "voxelmorph": 1, "riir": unroll_steps,
+             "unroll": repeats * len(levels), "gradirn": repeats * len(levels)}[method]
+    gd = method == "gradirn"  # GraDIRN: the raw gradient, tau initialised at 0.5, second order
+    hybrid = update == "hybrid" or gd
     return ModelConfig(
-        update="hybrid" if method == "gradirn" else update, ndim=ndim, unet=unet,
+        update="hybrid" if gd else update, ndim=ndim, unet=args, network=net,
         pyramid=[int(f) for f in (pyramid or [factor])],
         # a DEQ runs the solver it was trained with; unrolled methods are plain iterations of their steps
         solver=solver if method == "deqreg" else "fixed-point",
         max_steps=steps, tol=1e-3 if method == "deqreg" else 0.0,
-        tau=tau, sigma=sigma, diffusion_weight=diffusion_weight if (update == "hybrid" or method == "gradirn") else 0.0,
-        method=method, trained_steps=steps, training=TrainingRecord(factor=factor, **training))
+        tau=(0.5 if gd else 1.0) if tau is None else tau, sigma=(0.0 if gd else 1.0) if sigma is None else sigma,
+        diffusion_weight=diffusion_weight if hybrid else 0.0, method=method, trained_steps=steps,
+        per_level_networks=method in LEVEL_METHODS, recurrent_hidden=hidden if method == "riir" else 0,
+        second_order=gd, training=TrainingRecord(factor=factor, **training))
+
+
+def describe(cfg: ModelConfig) -> str:
+    """A table row's name that says how the model was trained (and where it departs from its paper)."""
+    m = cfg.method
+    net = "U-Net" if cfg.network == "unet" else f"{cfg.unet['layers']}-layer {cfg.unet['channels']}-ch CNN"
+    if m == "deqreg":
+        hybrid = ", hybrid operator" if cfg.update == "hybrid" else ""
+        t = cfg.training
+        return f"deqreg ({cfg.solver} T={cfg.trained_steps}, {t.n_states} states x k={t.phantom_k}{hybrid})"
+    if m == "voxelmorph":
+        return "voxelmorph (1 step)"
+    if m == "riir":
+        if not cfg.recurrent_hidden:  # models trained before RIIR had its recurrent update
+            return f"riir (K={cfg.trained_steps}, plain residual update)"
+        return f"riir (K={cfg.trained_steps}, gradient input, hidden {cfg.recurrent_hidden})"
+    if not cfg.per_level_networks:  # models trained before one network per level
+        return f"{m} ({cfg.trained_steps} steps, one shared {net})"
+    per = f"{len(cfg.pyramid)} levels x {repeats(cfg)}, {net} per level"
+    return f"unroll ({per}, no gradient)" if m == "unroll" else f"gradirn ({per}, tau per level)"
 
 
 def training_factor(cfg: ModelConfig) -> int:
@@ -72,68 +127,119 @@ def training_factor(cfg: ModelConfig) -> int:
 
 
 def relative_levels(cfg: ModelConfig) -> List[int]:
-    """GraDIRN's pyramid relative to the training grid (e.g. 4, 2, 1)."""
+    """A multi-level method's pyramid relative to the training grid (e.g. 4, 2, 1)."""
     return [f // training_factor(cfg) for f in cfg.pyramid]
 
 
+def repeats(cfg: ModelConfig) -> int:
+    """Steps per level of unroll / GraDIRN (as trained)."""
+    return int(cfg.trained_steps or cfg.max_steps) // len(cfg.pyramid)
+
+
 class TrainStep(nn.Module):
-    """forward(fixed, moving) -> (loss, stats): one method's full training objective."""
+    """One method's training objective: ``backward(...)`` (gradients) or ``forward(...)`` (one loss tensor)."""
 
     def __init__(self, op: nn.Module, cfg: ModelConfig, lam: float = 1.0):
         super().__init__()
         self.op, self.cfg, self.lam = op, cfg, lam
+        self.last_solver_steps = ""
         t = cfg.training
         if cfg.method == "deqreg":
-            self.deq = DEQ(solver=cfg.solver, max_steps=cfg.max_steps, tol=t.solver_tol, phantom_k=t.phantom_k,
-                           phantom_damping=t.phantom_damping, n_states=t.n_states)
+            self.deq = DEQ(solver=cfg.solver, max_steps=int(cfg.trained_steps or cfg.max_steps), tol=t.solver_tol,
+                           phantom_k=t.phantom_k, phantom_damping=t.phantom_damping, n_states=t.n_states)
+
+    # ------------------------------------------------------------------ pieces
+
+    def z0(self, fixed):
+        """The initial state: a zero field (and hidden state) on ``fixed``'s grid."""
+        ndim = fixed.dim() - 2
+        return fixed.new_zeros(fixed.shape[0], self.op.state_channels(ndim), *fixed.shape[2:])
+
+    def _f(self, fixed, moving):
+        return lambda z: self.op(z, fixed, moving)
+
+    def weights(self, n: int) -> torch.Tensor:
+        scheme = "exponential" if self.cfg.method == "riir" else "uniform"
+        return state_weights(n, scheme, self.cfg.training.gamma)
+
+    def state_loss(self, z, fixed, moving, fixed_onehot=None, moving_onehot=None) -> Tuple[torch.Tensor, dict]:
+        """LNCC + lam diffusion (+ fold_weight folding penalty) (+ label_weight soft Dice, the
+        SynthMorph-style supervision) of one state's field."""
+        field = z[:, : fixed.dim() - 2]
+        sim = losses.lncc_loss(fixed, warp(moving, field), self.cfg.window)
+        reg = losses.diffusion_loss(field)
+        loss = sim + self.lam * reg
+        if self.cfg.training.fold_weight:
+            loss = loss + self.cfg.training.fold_weight * losses.folding_loss(field)
+        parts = {"lncc": float(sim.detach()), "diffusion": float(reg.detach()), "dice_loss": ""}
+        label_weight = float(self.cfg.training.label_weight)
+        if label_weight and fixed_onehot is not None:
+            dl = losses.soft_dice_loss(fixed_onehot, warp(moving_onehot, field))
+            loss = loss + label_weight * dl
+            parts["dice_loss"] = float(dl.detach())
+        return loss, parts
 
     def states(self, fixed, moving) -> List[torch.Tensor]:
-        cfg = self.cfg
-        m = cfg.method
-        z0 = torch.zeros(fixed.shape[0], fixed.dim() - 2, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device)
-
-        def f(z):
-            return self.op(z, fixed, moving)
-
+        """Every supervised state with its graph (DEQ: all n phantom graphs at once)."""
+        cfg, m = self.cfg, self.cfg.method
+        z0, f = self.z0(fixed), self._f(fixed, moving)
+        k = int(cfg.trained_steps or cfg.max_steps)
         if m == "deqreg":
             out = self.deq(f, z0)
             self.last_solver_steps = out.info.steps
             return out.states
         if m == "voxelmorph":
             return unroll(f, z0, 1)
-        if m == "unroll":
-            return unroll(f, z0, cfg.max_steps)
         if m == "riir":
-            return unroll(f, z0, cfg.max_steps, keep=list(range(1, cfg.max_steps + 1)))
-        # gradirn: coarse to fine, field upsampled (and scaled) between levels
+            return unroll(f, z0, k, keep=list(range(1, k + 1)))
+        if m == "unroll" and not cfg.per_level_networks:  # models trained before one network per level
+            return unroll(f, z0, k)
+        # unroll / gradirn: coarse to fine, an operator per level, field upsampled (and scaled) between levels
         z, prev = None, None
-        repeats = cfg.max_steps // len(cfg.pyramid)
-        for factor in relative_levels(cfg):
+        for i, factor in enumerate(relative_levels(cfg)):
             fl, ml = downsample_image(fixed, factor), downsample_image(moving, factor)
-            z = z0.new_zeros(z0.shape[0], z0.shape[1], *fl.shape[2:]) if z is None else upsample_field(z, prev // factor)
-            for _ in range(repeats):
-                z = self.op(z, fl, ml)
+            z = self.z0(fl) if z is None else upsample_field(z, prev // factor)
+            level_op = self.op.for_level(i)
+            for _ in range(repeats(cfg)):
+                z = level_op(z, fl, ml)
             prev = factor
         return [z]
 
+    # ------------------------------------------------------------------ objectives
+
     def forward(self, fixed, moving, fixed_onehot=None, moving_onehot=None):
-        """Loss over the states; with one-hot label maps (synthetic pairs) plus
-        ``label_weight`` * soft Dice loss of the warped moving labels, the
-        SynthMorph supervision that ties the field to anatomy, not intensity."""
+        """The whole objective as one tensor with its graph, and stats of the last state."""
         states = self.states(fixed, moving)
-        scheme = "exponential" if self.cfg.method == "riir" else "uniform"
-        w = state_weights(len(states), scheme, self.cfg.training.gamma)
-        sim = torch.stack([losses.lncc_loss(fixed, warp(moving, z), self.cfg.window) for z in states])
-        reg = torch.stack([losses.diffusion_loss(z) for z in states])
-        loss = (w * (sim + self.lam * reg)).sum()
-        stats = {"lncc": float(sim[-1].detach()), "diffusion": float(reg[-1].detach()), "dice_loss": ""}
-        label_weight = float(self.cfg.training.label_weight)
-        if label_weight and fixed_onehot is not None:
-            dl = torch.stack([losses.soft_dice_loss(fixed_onehot, warp(moving_onehot, z)) for z in states])
-            loss = loss + label_weight * (w * dl).sum()
-            stats["dice_loss"] = float(dl[-1].detach())
-        return loss, stats
+        w = self.weights(len(states))
+        total, parts = 0.0, {}
+        for wi, z in zip(w, states):
+            loss, parts = self.state_loss(z, fixed, moving, fixed_onehot, moving_onehot)
+            total = total + wi * loss
+        return total, parts
+
+    def backward(self, fixed, moving, fixed_onehot=None, moving_onehot=None) -> Tuple[float, Dict]:
+        """Accumulate this objective's gradients; return (loss value, stats of the last state).
+
+        DEQReg streams: solve once without a graph, then for each recorded
+        state build its k phantom steps, back-propagate its weighted loss and
+        free the graph before the next state. The same gradients as
+        ``forward(...)[0].backward()``, with the peak memory of one state's graph.
+        """
+        if self.cfg.method != "deqreg":
+            loss, parts = self.forward(fixed, moving, fixed_onehot, moving_onehot)
+            loss.backward()
+            return float(loss.detach()), parts
+        f = self._f(fixed, moving)
+        info = self.deq.solve(f, self.z0(fixed))
+        self.last_solver_steps = info.steps
+        w = self.weights(len(info.states))
+        total, parts = 0.0, {}
+        for wi, s in zip(w, info.states):
+            loss, parts = self.state_loss(self.deq.attach(f, s), fixed, moving, fixed_onehot, moving_onehot)
+            (wi * loss).backward()
+            total += float(wi) * float(loss.detach())
+        return total, parts
 
 
-__all__ = ["METHODS", "make_config", "training_factor", "relative_levels", "build_operator", "TrainStep",
-           "equal_interval_steps"]
+__all__ = ["METHODS", "make_config", "describe", "training_factor", "relative_levels", "repeats", "build_operator",
+           "TrainStep", "equal_interval_steps"]
