@@ -8,6 +8,7 @@ counterpart in the fixed scan (``add_lesion``). Every case keeps the truth
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
