@@ -109,7 +109,7 @@ def live_worker(fixed_path, moving_path, probe_step: int = 3) -> dict:
 
     def callback(p):
         enter = cpu()
-        finest = p.level == p.n_levels - 1
+        finest = p.stage == "deformable" and p.level == p.n_levels - 1  # the alignment has levels too
         if finest:
             marks.setdefault("first", p.step)
             k = p.step - marks["first"]
