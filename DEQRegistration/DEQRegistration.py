@@ -56,6 +56,8 @@ NODE_WIDGETS = {
     "MovingVolume": "movingVolumeSelector",
     "FixedLabels": "fixedLabelsSelector",
     "MovingLabels": "movingLabelsSelector",
+    "FixedMask": "fixedMaskSelector",
+    "MovingMask": "movingMaskSelector",
     "OutputVolume": "outputVolumeSelector",
     "OutputTransform": "outputTransformSelector",
     "OutputFolding": "outputFoldingSelector",

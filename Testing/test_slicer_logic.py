@@ -596,3 +596,40 @@ def test_every_input_under_its_own_parent_transform_is_registered_where_it_is_sh
     mean = weighted_mean_displacement(out, fixed)
     assert np.linalg.norm(mean - weighted_mean_displacement(untransformed, fixed)) < 0.5, mean
     assert all(node.GetTransformNodeID() for node in (fixed, moving, fixedLabels, movingLabels))  # untouched
+
+
+def test_masks_chosen_in_the_module_keep_a_lesion_from_dragging_the_field():
+    """The panel's masks reach the library: a bright blob with no counterpart in the fixed volume pulls the
+    field around it; with a moving mask that leaves it out (a label map on its own, coarser grid) it does not.
+    A non-label node as mask and an empty mask are refused before anything is created."""
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    shape = (1, 64, 64)
+    A = testing.centred_affine(shape, (1.0, 1.0, 2.0), 0.0)
+    rng = np.random.default_rng(0)
+    centres = np.c_[rng.uniform(-30, 30, (60, 2)), np.zeros(60)]  # a dense texture: the similarity sees everywhere
+    anatomy = testing.blob_function(centres, 3.5)
+    lesion = lambda p: 1.5 * np.exp(-np.sum(np.asarray(p) ** 2, axis=-1) / (2 * 3.0 ** 2))  # noqa: E731
+    fixed = testing.add_sampled_volume(anatomy, shape, A, "fixed")
+    moving = testing.add_sampled_volume(lambda p: np.maximum(anatomy(p), lesion(p)), shape, A, "moving")
+    coarse = (1, 32, 32)
+    Ac = testing.centred_affine(coarse, (2.0, 2.0, 2.0), 0.0)
+    keep = testing.add_sampled_volume(lambda p: (np.linalg.norm(np.asarray(p), axis=-1) > 8.0).astype(np.int16),
+                                      coarse, Ac, "moving mask", "vtkMRMLLabelMapVolumeNode", np.int16)
+    kw = dict(update="gradient", max_steps=40, init="none", device="cpu")
+    plain = RegistrationLogic(scene).register(fixed, moving, **kw).result
+    masked = RegistrationLogic(scene).register(fixed, moving, movingMask=keep, **kw).result
+    yy, xx = np.meshgrid(np.arange(64) - 31.5, np.arange(64) - 31.5, indexing="ij")
+    near = (np.hypot(yy, xx) <= 10).reshape(-1)
+    mag = lambda r: np.linalg.norm(r.displacement.reshape(r.displacement.shape[0], -1), axis=0)  # noqa: E731
+    assert mag(plain)[near].mean() > 0.1, mag(plain)[near].mean()   # the blob drags the field ...
+    assert mag(masked)[near].mean() < 0.3 * mag(plain)[near].mean()  # ... unless it is masked out
+    n = scene.GetNumberOfNodes()
+    with pytest.raises(Exception, match="not a label map or a segmentation"):
+        RegistrationLogic(scene).register(fixed, moving, movingMask=fixed, **kw)
+    empty = testing.add_sampled_volume(lambda p: np.zeros(np.asarray(p).shape[:-1], np.int16), coarse, Ac, "empty",
+                                       "vtkMRMLLabelMapVolumeNode", np.int16)
+    n = scene.GetNumberOfNodes()
+    with pytest.raises(Exception, match="empty"):
+        RegistrationLogic(scene).register(fixed, moving, fixedMask=empty, **kw)
+    assert scene.GetNumberOfNodes() == n  # refused before any output node was made

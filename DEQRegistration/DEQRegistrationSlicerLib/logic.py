@@ -47,8 +47,9 @@ def _input_error(message):
 # --- 1. inputs -------------------------------------------------------------------------------------------
 
 
-def readInputs(scene, fixedVolumeNode, movingVolumeNode, fixedLabelsNode=None, movingLabelsNode=None) -> Inputs:
-    """The input nodes as the library sees them: world geometry, labels on their volume's grid."""
+def readInputs(scene, fixedVolumeNode, movingVolumeNode, fixedLabelsNode=None, movingLabelsNode=None,
+               fixedMask=None, movingMask=None) -> Inputs:
+    """The input nodes as the library sees them: world geometry, labels and masks on their volume's grid."""
     from DEQRegistrationLib.image import Image
     for role, node in (("fixed", fixedVolumeNode), ("moving", movingVolumeNode)):
         if node is None:
@@ -70,6 +71,17 @@ def readInputs(scene, fixedVolumeNode, movingVolumeNode, fixedLabelsNode=None, m
                                                     fixed_affine, order, scene)
         inputs.movingLabels = mrml.labels_to_library(movingLabelsNode, movingVolumeNode, moving_data.shape,
                                                      moving_affine, order, scene)
+    for role, node, volume, data, affine in (("fixed", fixedMask, fixedVolumeNode, fixed_data, fixed_affine),
+                                             ("moving", movingMask, movingVolumeNode, moving_data, moving_affine)):
+        if node is None:
+            continue
+        if not (node.IsA("vtkMRMLLabelMapVolumeNode") or node.IsA("vtkMRMLSegmentationNode")):
+            raise _input_error(f"the {role} mask '{node.GetName()}' is not a label map or a segmentation")
+        mask = mrml.labels_to_library(node, volume, data.shape, affine, None, scene) > 0
+        if not mask.any():
+            raise _input_error(f"the {role} mask '{node.GetName()}' is empty over the {role} volume")
+        setattr(inputs, role + "MaskNode", node)
+        setattr(inputs, role + "Mask", mask)
     return inputs
 
 
@@ -231,7 +243,7 @@ class RegistrationLogic:
             self.run.cancel()
 
     def start(self, fixedVolumeNode, movingVolumeNode, fixedLabelsNode=None, movingLabelsNode=None, *,
-              settings=None, refreshEvery=5, callback=None, liveLayout=None,
+              fixedMask=None, movingMask=None, settings=None, refreshEvery=5, callback=None, liveLayout=None,
               outputVolume=None, outputTransform=None, outputFolding=None, outputChart=None,
               **overrides) -> RegistrationRun:
         """Check everything, prepare the output nodes and start the solve; returns the running ``RegistrationRun``.
@@ -242,6 +254,9 @@ class RegistrationLogic:
         ``callback(progress)`` is the library's callback: it runs in the
         solver's thread after each step (do not touch MRML in it) and
         returning True stops the solve. Nothing is created when a check fails.
+        ``fixedMask`` / ``movingMask``: label maps or segmentations (any
+        non-zero voxel counts) restricting where the similarity looks, e.g. a
+        lesion left out of the moving image (the library's masks).
         """
         from .dependencies import requireLibrary
         if self.isRunning:
@@ -249,7 +264,8 @@ class RegistrationLogic:
         requireLibrary()
         scene = self.scene
         messages = []
-        inputs = readInputs(scene, fixedVolumeNode, movingVolumeNode, fixedLabelsNode, movingLabelsNode)
+        inputs = readInputs(scene, fixedVolumeNode, movingVolumeNode, fixedLabelsNode, movingLabelsNode,
+                            fixedMask, movingMask)
         librarySettings, maxSteps = checkSettings(inputs, settings, messages, **overrides)
         given = dict(outputVolume=outputVolume, outputTransform=outputTransform, outputFolding=outputFolding,
                      outputChart=outputChart)

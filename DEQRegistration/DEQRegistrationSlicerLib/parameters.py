@@ -116,10 +116,10 @@ BY_NAME = {p.name: p for p in PARAMETERS}
 RENAMED = {"UpdateMode": "Update"}
 
 #: node reference roles: inputs, then outputs (created when empty, reused otherwise).
-NODE_REFERENCES = ("FixedVolume", "MovingVolume", "FixedLabels", "MovingLabels",
+NODE_REFERENCES = ("FixedVolume", "MovingVolume", "FixedLabels", "MovingLabels", "FixedMask", "MovingMask",
                    "OutputVolume", "OutputTransform", "OutputFolding", "OutputChart")
-INPUT_REFERENCES = NODE_REFERENCES[:4]
-OUTPUT_REFERENCES = NODE_REFERENCES[4:]
+INPUT_REFERENCES = NODE_REFERENCES[:6]
+OUTPUT_REFERENCES = NODE_REFERENCES[6:]
 #: output role -> keyword of ``RegistrationLogic.start``
 OUTPUT_KEYWORDS = {"OutputVolume": "outputVolume", "OutputTransform": "outputTransform",
                    "OutputFolding": "outputFolding", "OutputChart": "outputChart"}
@@ -207,7 +207,8 @@ class ParameterNode:
     def nodes(self) -> dict:
         """Input nodes and the keyword arguments of the output nodes of ``RegistrationLogic.start``."""
         out = {keyword: self.getNode(role) for role, keyword in OUTPUT_KEYWORDS.items()}
-        out.update(fixedLabelsNode=self.getNode("FixedLabels"), movingLabelsNode=self.getNode("MovingLabels"))
+        out.update(fixedLabelsNode=self.getNode("FixedLabels"), movingLabelsNode=self.getNode("MovingLabels"),
+                   fixedMask=self.getNode("FixedMask"), movingMask=self.getNode("MovingMask"))
         return out
 
     def rememberOutputs(self, outputs):

@@ -60,11 +60,15 @@ class Inputs:
     moving: object
     fixedLabels: Optional[np.ndarray] = None
     movingLabels: Optional[np.ndarray] = None
+    fixedMaskNode: object = None    # label map or segmentation: where the similarity may look (all non-zero)
+    movingMaskNode: object = None
+    fixedMask: Optional[np.ndarray] = None   # bool, on its volume's grid
+    movingMask: Optional[np.ndarray] = None
 
     @property
     def nodes(self):
-        return [n for n in (self.fixedNode, self.movingNode, self.fixedLabelsNode, self.movingLabelsNode)
-                if n is not None]
+        return [n for n in (self.fixedNode, self.movingNode, self.fixedLabelsNode, self.movingLabelsNode,
+                            self.fixedMaskNode, self.movingMaskNode) if n is not None]
 
 
 @dataclass
@@ -304,7 +308,8 @@ class RegistrationRun:
             self._putFrame(Frame.fromLibrary(0, sampler.image(inputs.moving.data),
                                              np.zeros(tuple(shape) + (3,), np.float32), np.ones(shape, np.float32)))
             result = register(inputs.fixed, inputs.moving, self.settings, callback=self._onStep,
-                              moving_labels=inputs.movingLabels, on_fallback=self._onFallback)
+                              moving_labels=inputs.movingLabels, on_fallback=self._onFallback,
+                              fixed_mask=inputs.fixedMask, moving_mask=inputs.movingMask)
             dice = None
             if inputs.fixedLabels is not None and result.warped_labels is not None:
                 dice = metrics.mean_dice(inputs.fixedLabels, result.warped_labels)
