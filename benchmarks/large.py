@@ -80,15 +80,23 @@ def register_pair(name, fixed, moving, out, extra=()) -> dict:
 
 
 def shift_recovered(out) -> float:
-    """Median displacement along array axis 0 (voxels) in the centre of the CT pair's field (expected 3)."""
+    """Median motion along array axis 0 (voxels) in the centre of the CT pair's whole transform (expected 3):
+    the deformation (displacement.nii.gz, LPS mm) then the linear part W (metrics.json "affine", RAS)."""
+    import json
+
     import nibabel as nib
     import numpy as np
 
     img = nib.load(os.path.join(out, "displacement.nii.gz"))
     n = img.shape
-    centre = np.asarray(img.dataobj[n[0] // 4: 3 * n[0] // 4: 4, n[1] // 4: 3 * n[1] // 4: 4,
-                                    n[2] // 4: 3 * n[2] // 4: 4, 0, 0], dtype=np.float64)
-    return float(np.median(-centre / abs(img.affine[0, 0])))  # LPS x = -RAS x; axis 0 is RAS x here
+    sl = tuple(slice(k // 4, 3 * k // 4, 4) for k in n[:3])
+    d_ras = np.asarray(img.dataobj[sl + (0,)], dtype=np.float64) * np.array([-1.0, -1.0, 1.0])  # LPS -> RAS
+    idx = np.stack(np.meshgrid(*[np.arange(n[a])[sl[a]] for a in range(3)], indexing="ij"), -1)
+    p = idx @ img.affine[:3, :3].T + img.affine[:3, 3]  # the header's RAS of those voxels
+    with open(os.path.join(out, "metrics.json")) as fh:
+        W = np.asarray(json.load(fh).get("affine") or np.eye(4), dtype=np.float64)
+    moved = (p + d_ras) @ W[:3, :3].T + W[:3, 3] - p
+    return float(np.median(moved[..., 0] / abs(img.affine[0, 0])))  # axis 0 is RAS x here
 
 
 # --- live display (a worker subprocess) -----------------------------------------------------
