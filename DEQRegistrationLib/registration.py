@@ -91,6 +91,10 @@ class Progress:
         return preview(self._z, self._factor, self._world_sampler, self._moving, region,
                        DEFAULT_MAX_VOXELS if max_voxels is None else max_voxels)
 
+    def world(self) -> np.ndarray:
+        """The current linear alignment W (4x4, fixed RAS -> moving RAS); ``preview()``'s field comes before it."""
+        return self._world_sampler.world.copy()
+
     def warp_labels(self, labels: np.ndarray) -> np.ndarray:
         """A label map on the moving grid warped (nearest) by the current field: live Dice."""
         with torch.no_grad():

@@ -633,3 +633,32 @@ def test_masks_chosen_in_the_module_keep_a_lesion_from_dragging_the_field():
     with pytest.raises(Exception, match="empty"):
         RegistrationLogic(scene).register(fixed, moving, fixedMask=empty, **kw)
     assert scene.GetNumberOfNodes() == n  # refused before any output node was made
+
+
+def test_large_grids_are_shown_live_on_a_preview_lattice_and_in_full_at_the_end(monkeypatch):
+    """Above LIVE_FULL_MAX_VOXELS (lowered here: a CT-sized grid will not fit a test) the live frames are the
+    library's preview lattice, placed where its voxels are, with the whole transform (alignment included);
+    the final state is the full-size result."""
+    from DEQRegistrationSlicerLib import run as R
+    monkeypatch.setattr(R, "LIVE_FULL_MAX_VOXELS", 1000)
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    fixed, moving = make_pair()[:2]
+    shapes = []
+    applied = R.RegistrationRun._applyFrame
+
+    def spy(self, frame):
+        shapes.append((frame.warped.shape, None if frame.affine is None else frame.affine.copy(),
+                       frame.displacement.copy()))
+        return applied(self, frame)
+
+    monkeypatch.setattr(R.RegistrationRun, "_applyFrame", spy)
+    monkeypatch.setattr("DEQRegistrationLib.preview.DEFAULT_MAX_VOXELS", 2000)
+    out = RegistrationLogic().register(fixed, moving, update="gradient", max_steps=8, refreshEvery=2)
+    full = slicer.util.arrayFromVolume(out.warpedVolume).shape
+    lattice = [(s, a, d) for s, a, d in shapes if a is not None]
+    assert lattice and all(np.prod(s) <= 2000 < np.prod(full) for s, _, _ in lattice)
+    assert shapes[-1][1] is None and shapes[-1][0] == full  # the result, full size
+    # the lattice frame's transform holds the alignment too: its mean is the pair's shift (as the result's is)
+    _, _, d = lattice[-1]
+    assert np.linalg.norm(d.reshape(-1, 3).mean(0) - SHIFT) < 1.0, d.reshape(-1, 3).mean(0)
+    assert not np.allclose(out.result.world, np.eye(4))  # ... which the alignment stage found
