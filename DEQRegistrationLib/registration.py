@@ -423,9 +423,9 @@ class _Registration:
         ndim = self.fixed.ndim
         self.alignment = self._align()
         self.sampler = Sampler.between(self.fixed, self.moving, self.alignment.matrix)
-        pyramid, self.crop = self._prepare()
         if self.alignment.stopped:  # cancelled during the alignment: the transform reached, no deformation
             return self._result(np.zeros((ndim, *self.fixed.shape), np.float32), False, True)
+        pyramid, self.crop = self._prepare()
         z, prev, converged, stopped = None, None, False, False
         spare = 0  # steps a level left unused (it converged early) go to the next one: the total stays the budget
         for index, level in enumerate(self.plan.levels):
