@@ -23,7 +23,7 @@ import torch
 from . import chunked, masks, metrics
 from .alignment import Aligner, Alignment, identity as identity_alignment, planned_steps
 from .checkpoint import load_operator
-from .config import GRADIENT_ANDERSON_MEMORY, GRADIENT_MAX_STEPS, GRADIENT_TOL, ModelConfig, Settings, make_settings
+from .config import GRADIENT_ANDERSON_MEMORY, GRADIENT_ANDERSON_RESTART, GRADIENT_MAX_STEPS, GRADIENT_TOL, ModelConfig, Settings, make_settings
 from .errors import AlignmentWarning, InputError
 from .geometry import ras_to_lps, voxel_field_to_physical
 from .image import Image
@@ -230,7 +230,7 @@ def make_plan(settings: Settings, op: UpdateOperator, config: Optional[ModelConf
         raise InputError(f"level_weights has {len(weights)} entries but the pyramid {pyramid} has {len(pyramid)}")
     levels = plan_levels(pyramid, int(pick("max_steps")), weights)
     solver = pick("solver")
-    options = dict(memory=GRADIENT_ANDERSON_MEMORY) if settings.update == "gradient" and solver == "anderson" else {}
+    options = dict(memory=GRADIENT_ANDERSON_MEMORY, restart=GRADIENT_ANDERSON_RESTART) if settings.update == "gradient" and solver == "anderson" else {}
     grid = None
     if spacing is not None:
         source = ("settings" if settings.pyramid is not None else "model" if settings.update != "gradient"
@@ -354,10 +354,22 @@ class _Registration:
             weight = None
             if self.fixed_mask is not None:
                 weight = to_tensor(self.fixed_mask.astype(np.float32), self.device)
-            if self.moving_mask is not None:
-                carried = torch.as_tensor(self.sampler.labels(self.moving_mask.astype(np.uint8)) > 0,
+            # the moving mask, or (after an alignment) the moving grid itself, carried into the fixed grid:
+            # where W maps outside the moving scan there is nothing to compare (the border-padded values
+            # there would pull the field); the gradient update's similarity only (a network has no weight input)
+            carry = self.moving_mask
+            if (carry is None and self.settings.update == "gradient"
+                    and not np.allclose(self.alignment.matrix, np.eye(4))):
+                carry = np.ones(self.moving.shape, np.uint8)
+            if carry is not None:
+                carried = torch.as_tensor(self.sampler.labels(carry.astype(np.uint8, copy=False)) > 0,
                                           dtype=torch.float32, device=self.device)[None, None]
-                weight = carried if weight is None else weight * carried
+                if self.moving_mask is None and bool(carried.all()):
+                    carried = None
+                elif weight is None:
+                    weight = carried
+                else:
+                    weight = weight * carried
             weight_levels = [None] * len(self.plan.levels)
             if weight is not None:
                 weight_p, _ = pad_to_multiple(weight, multiple)  # zero padding: outside counts for nothing

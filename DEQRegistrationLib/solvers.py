@@ -95,14 +95,15 @@ def fixed_point_iteration(f, z0: torch.Tensor, max_steps: int = 48, tol: float =
 
 def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
              callback: Optional[Callback] = None, memory: int = 5, beta: float = 1.0,
-             ridge: float = 1e-4, record_at=None) -> SolverResult:
+             ridge: float = 1e-4, record_at=None, restart: float = 10.0) -> SolverResult:
     """Anderson acceleration (type II) with a *relative* Tikhonov term.
 
     The least-squares system H = G G^T is regularised by ridge * mean(diag(H)),
     not by an absolute ridge: displacement residuals are tiny, and an absolute
     1e-4 stalls the solver (a known TorchDEQ trap). A step whose residual
-    jumps far above the best seen restarts the history from the best iterate,
-    which keeps the method safe on non-contractive early-training maps.
+    jumps above ``restart`` times the best seen restarts the history from the best
+    iterate, which keeps the method safe on non-contractive early-training maps
+    (the gradient mode uses 2: ``config.GRADIENT_ANDERSON_RESTART``).
 
     Cost per step beyond f: the history keeps f(z) and g = f(z) - z, and
     H = G G^T is updated by one new row (memory dot products), not rebuilt.
@@ -128,7 +129,7 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
         residuals.append(r)
         if r < best[0]:
             best = (r, fz)
-        elif r > 10 * best[0] and count > 1:
+        elif r > restart * best[0] and count > 1:
             # restart from the best iterate seen so far
             count = 0
             z = best[1]
