@@ -251,6 +251,12 @@ def _pool_to(x: torch.Tensor, factor: int) -> torch.Tensor:
     return downsample_image(xp, factor)
 
 
+def _no_worse(energy: float, reference: float) -> bool:
+    """``energy`` is not above ``reference`` beyond float32 rounding (energies are O(1): 1 - NCC, MSE of
+    [0, 1] intensities, -MI), so an image aligned to itself keeps its transform without a warning."""
+    return energy <= reference + 1e-6 * max(abs(reference), 1.0)
+
+
 class Aligner:
     """Runs the alignment of one pair on one device (``run``)."""
 
@@ -509,7 +515,7 @@ class Aligner:
             T_new = self._stage(kind, T, levels)
             after = score(fine, T_new) if torch.isfinite(T_new).all() else float("nan")
             problem = self._diverged(T_new, after)
-            worse = problem is None and after > before + 1e-6 * max(abs(before), 1e-6)
+            worse = problem is None and not _no_worse(after, before)
             out.stages.append(dict(name=kind, steps=self.steps - steps_before, energy_before=before,
                                    energy_after=after if math.isfinite(after) else None,
                                    kept=problem is None and not worse))
@@ -528,7 +534,7 @@ class Aligner:
         W = self.world(T.double()).detach().cpu().numpy()
         if diverged or not np.all(np.isfinite(W)):
             W = np.eye(4)
-        elif not (final <= e_ident + 1e-9 or self.init == "center" and math.isfinite(final)):
+        elif not (_no_worse(final, e_ident) or self.init == "center" and math.isfinite(final)):
             messages.append(f"the alignment did not improve the similarity ({self.similarity} energy "
                             f"{final:.4g} vs {e_ident:.4g} at the identity); kept the identity")
             W = np.eye(4)

@@ -354,22 +354,10 @@ class _Registration:
             weight = None
             if self.fixed_mask is not None:
                 weight = to_tensor(self.fixed_mask.astype(np.float32), self.device)
-            # the moving mask, or (after an alignment) the moving grid itself, carried into the fixed grid:
-            # where W maps outside the moving scan there is nothing to compare (the border-padded values
-            # there would pull the field); the gradient update's similarity only (a network has no weight input)
-            carry = self.moving_mask
-            if (carry is None and self.settings.update == "gradient"
-                    and not np.allclose(self.alignment.matrix, np.eye(4))):
-                carry = np.ones(self.moving.shape, np.uint8)
-            if carry is not None:
-                carried = torch.as_tensor(self.sampler.labels(carry.astype(np.uint8, copy=False)) > 0,
+            if self.moving_mask is not None:
+                carried = torch.as_tensor(self.sampler.labels(self.moving_mask.astype(np.uint8)) > 0,
                                           dtype=torch.float32, device=self.device)[None, None]
-                if self.moving_mask is None and bool(carried.all()):
-                    carried = None
-                elif weight is None:
-                    weight = carried
-                else:
-                    weight = weight * carried
+                weight = carried if weight is None else weight * carried
             weight_levels = [None] * len(self.plan.levels)
             if weight is not None:
                 weight_p, _ = pad_to_multiple(weight, multiple)  # zero padding: outside counts for nothing

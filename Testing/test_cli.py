@@ -232,3 +232,15 @@ def test_demo_quick(tmp_path, capsys):
     fixed = nib.load(str(out / "inputs" / "fixed.nii.gz"))
     np.testing.assert_allclose(np.linalg.norm(fixed.affine[:3, :3], axis=0), [2, 2, 2])
     assert _leftovers(out) == []
+
+
+def test_demo_converges_at_default_settings(tmp_path, capsys):
+    """``deqreg demo`` as a new user runs it: the alignment, then the deformable stage to its tolerance."""
+    pytest.importorskip("nilearn", reason="the demo needs nilearn (pip install 'deqreg[demo]')")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["converged"] and m["final_residual"] < m["plan"]["tol"], (m["final_residual"], m["steps"])
+    assert m["steps"] < m["plan"]["max_steps"]
+    assert m["dice_mean"] > m["dice_before"] + 0.15
+    assert m["folding_percent"] < 0.1
