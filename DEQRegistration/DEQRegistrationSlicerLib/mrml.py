@@ -337,25 +337,32 @@ def folding_color_node(scene):
     views blend scalar overlays by the layer opacity only, so the ramp is in
     the colours; alpha follows it too for views that use it.
     """
-    node = scene.GetFirstNodeByName(FOLDING_COLOR_NODE_NAME)
+    lo, hi = FOLDING_RANGE
+
+    def colour(x):
+        det = lo + (hi - lo) * x
+        if det <= 0:
+            return f"det {det:.2f}", (1.0, 0.0, 0.0, 1.0)
+        if det < 1:
+            t = (1.0 - det) ** 0.7  # 0 at det=1, 1 at det=0
+            return f"det {det:.2f}", (0.1 * t, 0.45 * t, 1.0 * t, min(1.0, 0.15 + 0.85 * t))
+        t = min(1.0, (det - 1.0) / (hi - 1.0)) ** 0.7
+        return f"det {det:.2f}", (1.0 * t, 0.85 * t, 0.1 * t, min(1.0, 0.15 + 0.85 * t))
+
+    return _colour_table(scene, FOLDING_COLOR_NODE_NAME, colour)
+
+
+def _colour_table(scene, name, colour, n=256):
+    """The scene's colour table ``name``, created once with ``colour(x) -> (label, rgba)`` for x in [0, 1]."""
+    node = scene.GetFirstNodeByName(name)
     if node is not None and node.IsA("vtkMRMLColorTableNode"):
         return node
-    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", FOLDING_COLOR_NODE_NAME)
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
     node.SetTypeToUser()
-    n = 256
     node.SetNumberOfColors(n)
-    lo, hi = FOLDING_RANGE
     for idx in range(n):
-        det = lo + (hi - lo) * idx / (n - 1)
-        if det <= 0:
-            rgba = (1.0, 0.0, 0.0, 1.0)
-        elif det < 1:
-            t = (1.0 - det) ** 0.7  # 0 at det=1, 1 at det=0
-            rgba = (0.1 * t, 0.45 * t, 1.0 * t, min(1.0, 0.15 + 0.85 * t))
-        else:
-            t = min(1.0, (det - 1.0) / (hi - 1.0)) ** 0.7
-            rgba = (1.0 * t, 0.85 * t, 0.1 * t, min(1.0, 0.15 + 0.85 * t))
-        node.SetColor(idx, f"det {det:.2f}", *rgba)
+        label, rgba = colour(idx / (n - 1))
+        node.SetColor(idx, label, *rgba)
     node.SetAttribute("Category", "DEQRegistration")
     return node
 
@@ -374,18 +381,7 @@ def show_folding_colors(foldingNode):
 
 def ramp_color_node(scene, name, rgb):
     """A colour table from black to ``rgb`` (created once per scene, found by name)."""
-    node = scene.GetFirstNodeByName(name)
-    if node is not None and node.IsA("vtkMRMLColorTableNode"):
-        return node
-    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
-    node.SetTypeToUser()
-    n = 256
-    node.SetNumberOfColors(n)
-    for idx in range(n):
-        t = idx / (n - 1)
-        node.SetColor(idx, f"{t:.2f}", t * rgb[0], t * rgb[1], t * rgb[2], 1.0)
-    node.SetAttribute("Category", "DEQRegistration")
-    return node
+    return _colour_table(scene, name, lambda t: (f"{t:.2f}", (t * rgb[0], t * rgb[1], t * rgb[2], 1.0)))
 
 
 def show_with_colors(volumeNode, colorNode, window_level=None):

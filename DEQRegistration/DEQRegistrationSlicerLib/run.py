@@ -88,14 +88,8 @@ class OutputNodes:
 
 
 @dataclass
-class RegistrationOutputs:
+class RegistrationOutputs(OutputNodes):
     """The nodes a registration wrote, plus the library result they came from."""
-    warpedVolume: object
-    transform: object
-    foldingMap: object
-    chart: object
-    traceTable: object
-    diceTable: object = None
     result: object = None
     dice: Optional[float] = None
     initialDice: Optional[float] = None
