@@ -225,17 +225,3 @@ def test_settings_offer_exactly_the_similarities_the_module_has():
     assert set(config.SIMILARITIES) == set(S.SIMILARITIES)
     with pytest.raises(ValueError, match="unknown similarity"):
         S.get_similarity("ncc2")
-
-
-def test_mind_smooth_blurs_the_descriptors():
-    """``MINDSSC.smooth`` (default 1 voxel) blurs the descriptors: 0 gives the raw ``mind_ssc``; blurred
-    descriptors vary less from voxel to voxel (what makes the gradient operator's map contract faster)."""
-    image = smooth_image((24, 22), 3, cells=4)
-    raw = S.mind_ssc(image)
-    torch.testing.assert_close(S.MINDSSC(smooth=0).features(image), raw)
-    blurred = S.MINDSSC().features(image)
-    assert S.MINDSSC().smooth == 1.0 and blurred.shape == raw.shape
-    rough = lambda x: float((x[..., 1:, :] - x[..., :-1, :]).abs().mean())  # noqa: E731
-    assert rough(blurred) < 0.75 * rough(raw)  # 0.079 vs 0.122 here
-    with pytest.raises(ValueError):
-        S.MINDSSC(smooth=-1)
