@@ -86,6 +86,22 @@ def contrast_change(data: np.ndarray) -> np.ndarray:
     return np.abs(np.sin(1.5 * np.pi * u)).astype(np.float32)
 
 
+def t2_like(data: np.ndarray, csf: float = 0.3, white: float = 0.25) -> np.ndarray:
+    """A T2-weighted look for a T1-weighted brain: on intensities scaled to [0, 1], background stays 0, the
+    CSF range (around ``csf``) becomes brightest and brighter tissue darkens linearly to ``white`` at 1.
+
+    Piecewise linear: x / csf below ``csf``, then 1 - (1 - white) (x - csf) / (1 - csf). On a T1 slice
+    (OASIS-TRT-20 subject 1) CSF sits near 0.3-0.4, grey matter 0.55, white matter 0.85, which become
+    about 1, 0.7 and 0.4: the order of T2 contrast. Non-monotonic like ``contrast_change``, but the
+    realistic case: the background and the CSF, dark next to each other in T1, are far apart here.
+    """
+    x = np.asarray(data, dtype=np.float32)
+    lo, hi = float(np.percentile(x, 0.5)), float(np.percentile(x, 99.5))
+    u = np.clip((x - lo) / max(hi - lo, 1e-12), 0, 1)
+    out = np.where(u < csf, u / csf, 1.0 - (1.0 - white) * (u - csf) / (1.0 - csf))
+    return out.astype(np.float32)
+
+
 def add_lesion(image: Image, centre_vox: Sequence[float], radius_vox: float, intensity: float) -> Tuple[Image, np.ndarray]:
     """A bright smooth ball (a lesion-like blob) added to the scan; returns it and its mask (radius + 2 voxels)."""
     grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in image.shape], indexing="ij")

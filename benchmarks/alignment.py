@@ -13,7 +13,9 @@ over the labels present in both maps):
   and what ANTs is given);
 * ``contrast``: the moving scan under a non-monotonic intensity map
   (``synthetic.contrast_change``), with ``--similarity lncc`` and ``mind``
-  (``--preset multimodal``: MIND-SSC after a mutual-information affine stage);
+  (``--preset multimodal``: MIND-SSC after a rigid mutual-information stage);
+* ``t2``: the same with a T2-like map (``synthetic.t2_like``: CSF brightest,
+  white matter darkest, background 0);
 * ANTs ``SyN`` (affine stage + SyN, antspyx defaults) beside the moved and
   aligned cases, when antspyx is installed.
 
@@ -40,11 +42,12 @@ from DEQRegistrationLib.apply import load as load_saved  # noqa: E402
 from DEQRegistrationLib.cli import main  # noqa: E402
 from DEQRegistrationLib.image import Image  # noqa: E402
 from DEQRegistrationLib.sampling import Sampler  # noqa: E402
-from DEQRegistrationLib.synthetic import contrast_change, grid_centre, move_rigidly, rigid_motion  # noqa: E402
+from DEQRegistrationLib.synthetic import contrast_change, grid_centre, move_rigidly, rigid_motion, t2_like  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-CASES = ("aligned", "aligned-none", "moved", "contrast-lncc", "contrast-mind", "ants-moved", "ants-aligned")
+CASES = ("aligned", "aligned-none", "moved", "contrast-lncc", "contrast-mind", "t2-lncc", "t2-mind", "ants-moved",
+         "ants-aligned")
 
 
 def random_motion(moving: Image, seed: int, degrees: float = 18.0, mm: float = 18.0) -> np.ndarray:
@@ -88,7 +91,8 @@ def run(oasis: Path, cases, work: Path, seed: int) -> dict:
 
     def report(name, m, **extra):
         row = dict(dice=m.get("dice_mean"), folding_percent=m.get("folding_percent"),
-                   seconds=m.get("seconds"), **extra)
+                   seconds=m.get("seconds"), alignment_steps=m.get("alignment_steps"), steps=m.get("steps"),
+                   converged=m.get("converged"), **extra)
         rows[name] = row
         print(f"{name}: {json.dumps(row)}", flush=True)
 
@@ -121,6 +125,13 @@ def run(oasis: Path, cases, work: Path, seed: int) -> dict:
         if "contrast-mind" in cases:
             report("contrast-mind", deqreg(work / "contrast_mind", fixed_p, contrast_p, fseg_p, mseg_p,
                                            "--preset", "multimodal"))
+    if "t2-lncc" in cases or "t2-mind" in cases:
+        t2_p = work / "t2.nii.gz"
+        io.save_image(Image(t2_like(moving.data), moving.affine), t2_p)
+        if "t2-lncc" in cases:
+            report("t2-lncc", deqreg(work / "t2_lncc", fixed_p, t2_p, fseg_p, mseg_p, "--similarity", "lncc"))
+        if "t2-mind" in cases:
+            report("t2-mind", deqreg(work / "t2_mind", fixed_p, t2_p, fseg_p, mseg_p, "--preset", "multimodal"))
     try:
         import ants  # noqa: F401
         have_ants = True
