@@ -79,7 +79,12 @@ def parse_args(argv=None):
     ap.add_argument("--update", choices=["learned", "hybrid"], default="learned",
                     help="deqreg operator: learned (the paper's) or hybrid (gradient-mode step + learned correction)")
     ap.add_argument("--op-diffusion-weight", type=float, default=0.5,
-                    help="hybrid: diffusion weight inside the operator's gradient step (gradient mode's 0.5)")
+                    help="hybrid: diffusion weight inside the operator's gradient step (gradient mode's LNCC: 0.45)")
+    ap.add_argument("--tau", type=float, default=None,
+                    help="hybrid: initial (trainable) step of the operator's gradient step (default 1; gradient "
+                         "mode's LNCC: 0.5)")
+    ap.add_argument("--sigma", type=float, default=None,
+                    help="hybrid: Gaussian smoothing of the operator's gradient (default 1; gradient mode: 1.5)")
     ap.add_argument("--pyramid", type=int, nargs="+", default=None,
                     help="inference pyramid stored in the model, coarse to fine (e.g. 4 2); default: --factor alone")
     ap.add_argument("--label-weight", type=float, default=0.0,
@@ -159,6 +164,7 @@ def train(args) -> dict:
                       repeats=args.repeats, net=args.net, hidden=args.hidden,
                       n_states=args.n_states, phantom_k=args.phantom_k, phantom_damping=args.phantom_damping,
                       update=args.update, diffusion_weight=args.op_diffusion_weight if args.update == "hybrid" else 0.0,
+                      tau=args.tau, sigma=args.sigma,
                       pyramid=args.pyramid, label_weight=args.label_weight, fold_weight=args.fold_weight,
                       loss_diffusion_weight=lam, lr=args.lr, data=args.data, solver=args.solver,
                       init=str(args.init or ""), subjects=[str(x) for x in args.subjects or []],
