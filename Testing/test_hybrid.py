@@ -143,3 +143,32 @@ def test_export_sets_inference_budget_and_drops_training_state(tmp_path):
     assert (cfg.max_steps, cfg.tol) == (120, 0.002)
     assert cfg.training.optimizer_steps == 7
     assert cfg.trained_steps == 6  # what it was trained with stays on record
+
+
+def test_level_solve_trains_on_the_pyramid_register_runs(tmp_path):
+    """--level-solve: the coarse level is solved first (half the budget), the training grid's solve starts from
+    its upsampled field, and a real optimiser step runs with finite gradients."""
+    from Training import train
+    from Training.methods import TrainStep
+
+    def config(pyramid):
+        return make_config("deqreg", 2, enc=(4, 8, 8), dec=(8, 8, 4), update="hybrid", diffusion_weight=0.5,
+                           max_steps=8, n_states=2, phantom_k=1, pyramid=pyramid, level_solve=True, label_weight=1.0)
+
+    cfg = config([2, 1])
+    op = build_operator(cfg)
+    fixed, moving = to_working_grid(_sample(size=32), 1, 32)
+    z0, budget = TrainStep(op, cfg).start(fixed, moving)
+    assert budget == 4 and z0.shape[1:] == (2, 32, 32) and z0.abs().max() > 0  # the coarse level moved it
+    z_flat, b_flat = TrainStep(op, config([1])).start(fixed, moving)
+    assert b_flat == 8 and z_flat.abs().max() == 0  # one level: zero start, whole budget
+    out = tmp_path / "run"
+    train.main(["--method", "deqreg", "--update", "hybrid", "--level-solve", "--pyramid", "2", "1", "--tau", "0.5",
+                "--label-weight", "1", "--data", "synthetic", "--ndim", "2", "--shape", "32", "32",
+                "--enc", "4", "8", "8", "--dec", "8", "8", "4", "--max-steps", "8", "--n-states", "2",
+                "--phantom-k", "1", "--steps", "2", "--out", str(out), "--no-progress"])
+    payload = read_checkpoint(out / "last.pt")
+    assert payload["config"].training.level_solve is True
+    assert all(torch.isfinite(v).all() for v in payload["state_dict"].values())
+    rows = (out / "log.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == 2 and all(int(r.split(",")[4]) <= 4 for r in rows)  # solver steps: the fine level's share
