@@ -98,6 +98,8 @@ class TrainingRecord:
     phantom_k: int = 3                # DEQ: phantom-gradient steps per state (the paper's memory figures: ~3)
     phantom_damping: float = 0.8      # DEQ: damping of those steps
     solver_tol: float = 1e-3          # DEQ: tolerance of the training solve
+    level_solve: bool = False         # DEQ: the training solve runs the stored pyramid's coarser levels first
+                                      # (no graph, as register() does) and supervises the training-grid level
     gamma: float = 0.8                # RIIR: state weights gamma^(K-1-i)
     init: str = ""                    # checkpoint the weights started from
     optimizer_steps: int = 0

@@ -107,9 +107,27 @@ def test_train_cli_stores_hybrid_settings_and_logs_the_label_loss(tmp_path):
                 "--phantom-k", "2", "--steps", "2", "--out", str(out), "--no-progress"])
     cfg = read_checkpoint(out / "last.pt")["config"]
     assert (cfg.update, cfg.diffusion_weight, cfg.pyramid, cfg.training.label_weight) == ("hybrid", 0.4, [2, 1], 0.5)
+    assert (cfg.tau, cfg.sigma) == (1.0, 1.0)  # the operator's defaults without --tau / --sigma
     rows = (out / "log.csv").read_text().strip().splitlines()
     assert rows[0].endswith("dice_loss") and len(rows) == 3
     assert all(0 < float(r.split(",")[-1]) < 1 for r in rows[1:])
+
+
+def test_train_cli_tau_and_sigma_start_the_hybrid_as_gradient_mode(tmp_path):
+    """--tau/--sigma/--op-diffusion-weight at gradient mode's LNCC values: stored, and the step's tau starts there."""
+    from Training import train
+
+    out = tmp_path / "run"
+    train.main(["--method", "deqreg", "--update", "hybrid", "--tau", "0.5", "--sigma", "1.5",
+                "--op-diffusion-weight", "0.45", "--data", "synthetic", "--ndim", "2", "--shape", "32", "32",
+                "--enc", "4", "8", "8", "--dec", "8", "8", "4", "--max-steps", "4", "--n-states", "1",
+                "--phantom-k", "1", "--steps", "1", "--lr", "0", "--out", str(out), "--no-progress"])
+    payload = read_checkpoint(out / "last.pt")
+    cfg = payload["config"]
+    assert (cfg.tau, cfg.sigma, cfg.diffusion_weight) == (0.5, 1.5, 0.45)
+    op = build_operator(cfg)
+    op.load_state_dict(payload["state_dict"])
+    assert abs(float(op.log_tau.exp()) - 0.5) < 1e-6 and op.sigma == 1.5
 
 
 def test_export_sets_inference_budget_and_drops_training_state(tmp_path):
@@ -125,3 +143,32 @@ def test_export_sets_inference_budget_and_drops_training_state(tmp_path):
     assert (cfg.max_steps, cfg.tol) == (120, 0.002)
     assert cfg.training.optimizer_steps == 7
     assert cfg.trained_steps == 6  # what it was trained with stays on record
+
+
+def test_level_solve_trains_on_the_pyramid_register_runs(tmp_path):
+    """--level-solve: the coarse level is solved first (half the budget), the training grid's solve starts from
+    its upsampled field, and a real optimiser step runs with finite gradients."""
+    from Training import train
+    from Training.methods import TrainStep
+
+    def config(pyramid):
+        return make_config("deqreg", 2, enc=(4, 8, 8), dec=(8, 8, 4), update="hybrid", diffusion_weight=0.5,
+                           max_steps=8, n_states=2, phantom_k=1, pyramid=pyramid, level_solve=True, label_weight=1.0)
+
+    cfg = config([2, 1])
+    op = build_operator(cfg)
+    fixed, moving = to_working_grid(_sample(size=32), 1, 32)
+    z0, budget = TrainStep(op, cfg).start(fixed, moving)
+    assert budget == 4 and z0.shape[1:] == (2, 32, 32) and z0.abs().max() > 0  # the coarse level moved it
+    z_flat, b_flat = TrainStep(op, config([1])).start(fixed, moving)
+    assert b_flat == 8 and z_flat.abs().max() == 0  # one level: zero start, whole budget
+    out = tmp_path / "run"
+    train.main(["--method", "deqreg", "--update", "hybrid", "--level-solve", "--pyramid", "2", "1", "--tau", "0.5",
+                "--label-weight", "1", "--data", "synthetic", "--ndim", "2", "--shape", "32", "32",
+                "--enc", "4", "8", "8", "--dec", "8", "8", "4", "--max-steps", "8", "--n-states", "2",
+                "--phantom-k", "1", "--steps", "2", "--out", str(out), "--no-progress"])
+    payload = read_checkpoint(out / "last.pt")
+    assert payload["config"].training.level_solve is True
+    assert all(torch.isfinite(v).all() for v in payload["state_dict"].values())
+    rows = (out / "log.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == 2 and all(int(r.split(",")[4]) <= 4 for r in rows)  # solver steps: the fine level's share

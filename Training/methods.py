@@ -38,6 +38,7 @@ from DEQRegistrationLib import losses
 from DEQRegistrationLib.checkpoint import build_operator
 from DEQRegistrationLib.config import ModelConfig, TrainingRecord
 from DEQRegistrationLib.deq import DEQ, equal_interval_steps, state_weights, unroll
+from DEQRegistrationLib.levels import split_budget
 from DEQRegistrationLib.operators import field_channels, recurrent_channels
 from DEQRegistrationLib.transforms import downsample_image, upsample_field, warp
 
@@ -158,6 +159,30 @@ class TrainStep(nn.Module):
     def _f(self, fixed, moving):
         return lambda z: self.op(z, fixed, moving)
 
+    def start(self, fixed, moving) -> Tuple[torch.Tensor, int]:
+        """DEQReg's training solve: (initial state on the training grid, its step budget).
+
+        By default a zero field and the whole budget T. With ``training.level_solve``
+        and a stored pyramid coarser than the training grid, the solve is the one
+        register() runs: T split equally over the levels, each coarser level solved
+        without a graph from the previous one's upsampled field, and the training
+        grid's level (the supervised one) starts from the last of them.
+        """
+        cfg = self.cfg
+        budget = int(cfg.trained_steps or cfg.max_steps)
+        rel = relative_levels(cfg)
+        if not (cfg.method == "deqreg" and cfg.training.level_solve and len(rel) > 1 and rel[-1] == 1):
+            return self.z0(fixed), budget
+        steps = split_budget(budget, [1.0] * len(rel))
+        z, prev = None, None
+        for factor, n in zip(rel[:-1], steps[:-1]):
+            fl, ml = downsample_image(fixed, factor), downsample_image(moving, factor)
+            z = self.z0(fl) if z is None else upsample_field(z, prev // factor)
+            if n > 0:
+                z = self.deq.solve(self._f(fl, ml), z, max_steps=n).z
+            prev = factor
+        return upsample_field(z, prev).detach(), max(1, steps[-1])
+
     def weights(self, n: int) -> torch.Tensor:
         scheme = "exponential" if self.cfg.method == "riir" else "uniform"
         return state_weights(n, scheme, self.cfg.training.gamma)
@@ -185,7 +210,8 @@ class TrainStep(nn.Module):
         z0, f = self.z0(fixed), self._f(fixed, moving)
         k = int(cfg.trained_steps or cfg.max_steps)
         if m == "deqreg":
-            out = self.deq(f, z0)
+            z0, budget = self.start(fixed, moving)
+            out = self.deq(f, z0, budget)
             self.last_solver_steps = out.info.steps
             return out.states
         if m == "voxelmorph":
@@ -230,7 +256,8 @@ class TrainStep(nn.Module):
             loss.backward()
             return float(loss.detach()), parts
         f = self._f(fixed, moving)
-        info = self.deq.solve(f, self.z0(fixed))
+        z0, budget = self.start(fixed, moving)
+        info = self.deq.solve(f, z0, budget)
         self.last_solver_steps = info.steps
         w = self.weights(len(info.states))
         total, parts = 0.0, {}

@@ -79,9 +79,17 @@ def parse_args(argv=None):
     ap.add_argument("--update", choices=["learned", "hybrid"], default="learned",
                     help="deqreg operator: learned (the paper's) or hybrid (gradient-mode step + learned correction)")
     ap.add_argument("--op-diffusion-weight", type=float, default=0.5,
-                    help="hybrid: diffusion weight inside the operator's gradient step (gradient mode's 0.5)")
+                    help="hybrid: diffusion weight inside the operator's gradient step (gradient mode's LNCC: 0.45)")
+    ap.add_argument("--tau", type=float, default=None,
+                    help="hybrid: initial (trainable) step of the operator's gradient step (default 1; gradient "
+                         "mode's LNCC: 0.5)")
+    ap.add_argument("--sigma", type=float, default=None,
+                    help="hybrid: Gaussian smoothing of the operator's gradient (default 1; gradient mode: 1.5)")
     ap.add_argument("--pyramid", type=int, nargs="+", default=None,
                     help="inference pyramid stored in the model, coarse to fine (e.g. 4 2); default: --factor alone")
+    ap.add_argument("--level-solve", action="store_true",
+                    help="deqreg: train on the solve register() runs: the --pyramid levels coarser than the "
+                         "training grid solved first (no graph), T split equally over the levels")
     ap.add_argument("--label-weight", type=float, default=0.0,
                     help="weight of a soft Dice loss on label maps when the data has them (synthetic does)")
     ap.add_argument("--fold-weight", type=float, default=0.0,
@@ -159,7 +167,8 @@ def train(args) -> dict:
                       repeats=args.repeats, net=args.net, hidden=args.hidden,
                       n_states=args.n_states, phantom_k=args.phantom_k, phantom_damping=args.phantom_damping,
                       update=args.update, diffusion_weight=args.op_diffusion_weight if args.update == "hybrid" else 0.0,
-                      pyramid=args.pyramid, label_weight=args.label_weight, fold_weight=args.fold_weight,
+                      tau=args.tau, sigma=args.sigma,
+                      pyramid=args.pyramid, label_weight=args.label_weight, level_solve=args.level_solve, fold_weight=args.fold_weight,
                       loss_diffusion_weight=lam, lr=args.lr, data=args.data, solver=args.solver,
                       init=str(args.init or ""), subjects=[str(x) for x in args.subjects or []],
                       val_subjects=[str(x) for x in args.val_subjects or []], augment=augment,
@@ -191,7 +200,7 @@ def train(args) -> dict:
     source = build_source(args.data, ndim=args.ndim, shape=args.shape, folder=args.folder, patterns=args.glob,
                           json_path=args.json, mix=args.mix, max_disp=args.max_disp, label_sub=args.label_sub,
                           subjects=args.subjects, n_val=args.n_val, augment=augment or None)
-    multiple = op.multiple * (max(relative_levels(cfg)) if args.method in LEVEL_METHODS else 1)
+    multiple = op.multiple * (max(relative_levels(cfg)) if args.method in LEVEL_METHODS or args.level_solve else 1)
     prefactored = getattr(source, "prefactored", False)
     val_pairs = validation_pairs(args) if args.val_every else []
 
