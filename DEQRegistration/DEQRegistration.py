@@ -93,6 +93,12 @@ def choiceLabels():
         "rigid": _("Rigid (rotation and translation)"),
         "center": _("Centres of mass"),
         "none": _("None (trust the image positions)"),
+        "ncc": _("Normalized cross-correlation"),
+        "mi": _("Mutual information (another contrast)"),
+        "custom": _("Custom (the settings below)"),
+        "brain-mri": _("Brain MRI, same sequence"),
+        "multimodal": _("Another contrast or scanner"),
+        "lung-ct": _("Lung CT, inhale/exhale"),
     }
 
 
@@ -260,7 +266,10 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.parameterWidgets = {name: getattr(self.ui, widgetName) for name, widgetName in PARAMETER_WIDGETS.items()}
         for spec in generatedParameters():
             widget = makeParameterWidget(spec)
-            self.ui.advancedCollapsibleButton.layout().addRow(_(spec.label), widget)
+            if spec.name == "Preset":  # offered first, above the settings it bundles
+                self.ui.settingsCollapsibleButton.layout().insertRow(0, _(spec.label), widget)
+            else:
+                self.ui.advancedCollapsibleButton.layout().addRow(_(spec.label), widget)
             self.parameterWidgets[spec.name] = widget
         self.fillChoices()
 
@@ -382,7 +391,9 @@ class DEQRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.setNode(role, getattr(self.ui, widgetName).currentNode())
             for name, widget in self.parameterWidgets.items():
                 value = widgetValue(widget, P.BY_NAME[name])
-                if value is not None:
+                # only what the user changed: a preset then sets its parameters, and a parameter changed
+                # after it makes it custom (``ParameterNode.set``), whatever the order of the widgets
+                if value is not None and value != p.get(name):
                     p.set(name, value)
         finally:
             self._parameterNode.EndModify(wasModified)

@@ -321,6 +321,7 @@ def test_parameter_node_maps_to_the_library_settings_in_one_place(scene):
     assert {p.setting for p in P.PARAMETERS if p.setting} <= fields
     assert set(P.UPDATES) == set(config.UPDATES) and set(P.SOLVERS) == set(config.SOLVER_NAMES)
     assert set(P.SIMILARITIES) == set(config.SIMILARITIES) and set(P.INITS) == set(config.INITS)
+    assert set(P.INIT_SIMILARITIES) == set(config.INIT_SIMILARITIES) and set(P.PRESETS) == set(config.PRESETS)
     defaults = config.Settings()
     for p in P.PARAMETERS:
         if p.setting and p.auto is None:
@@ -371,3 +372,29 @@ def test_auto_selected_fixed_volume_is_never_a_label_map_or_an_output(scene):
     p = ParameterNode.create(scene)
     assert p.selectDefaultInputs(scene) is image and p.getNode("FixedVolume") is image
     assert p.selectDefaultInputs(scene) is None  # a selection is kept
+
+
+def test_a_preset_chosen_in_the_panel_is_the_librarys_and_a_change_makes_it_custom(scene):
+    """Each preset sets the panel's rows to exactly what ``make_settings(preset=...)`` gives; changing one of
+    them afterwards makes the preset custom, so a run never names a preset its settings do not follow."""
+    pytest.importorskip("torch")
+    from DEQRegistrationLib import config
+    from DEQRegistrationSlicerLib import parameters as P
+    q = ParameterNode.create(scene)
+    assert q.get("Preset") == P.CUSTOM and "preset" not in q.settings()
+    for name in P.PRESETS:
+        q.set("Preset", name)
+        ours, library = config.make_settings(**q.settings()), config.make_settings(preset=name)
+        assert ours == library, name
+        assert ours.preset == name
+    q.set("Preset", "multimodal")
+    assert (q.get("Init"), q.get("InitSimilarity"), q.get("Similarity")) == ("rigid", "mi", "mind")
+    q.set("Similarity", "mind")  # the preset's own value: still the preset
+    assert q.get("Preset") == "multimodal"
+    q.set("Similarity", "lncc")  # the user departs from it
+    assert q.get("Preset") == P.CUSTOM
+    s = config.make_settings(**q.settings())
+    assert s.preset is None and (s.init, s.init_similarity, s.similarity) == ("rigid", "mi", "lncc")
+    # the preset is kept with the scene's parameter node (a reloaded scene shows it)
+    q.set("Preset", "lung-ct")
+    assert ParameterNode(q.node).get("Preset") == "lung-ct" and ParameterNode(q.node).get("InitSimilarity") == "ncc"

@@ -31,6 +31,16 @@ UPDATES = ("gradient", "learned", "hybrid")
 INITS = ("affine", "rigid", "center", "none")
 SOLVERS = ("anderson", "fixed-point")
 SIMILARITIES = ("lncc", "mse", "mind")
+INIT_SIMILARITIES = ("ncc", "mi", "lncc", "mse")
+CUSTOM = "custom"
+#: the library's presets (config.PRESETS) as the panel's values; choosing one sets these parameters, and
+#: changing one of them afterwards makes the choice "custom" again (``ParameterNode.set``)
+PRESET_VALUES = {
+    "brain-mri": {"Init": "affine", "InitSimilarity": "auto", "Similarity": "lncc"},
+    "multimodal": {"Init": "rigid", "InitSimilarity": "mi", "Similarity": "mind"},
+    "lung-ct": {"Init": "rigid", "InitSimilarity": "ncc", "Similarity": "mind"},
+}
+PRESETS = tuple(PRESET_VALUES)
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = ("default", "file")
 AUTO = "auto"
@@ -78,6 +88,11 @@ LIST_SETTINGS = ("pyramid", "level_weights")
 
 
 PARAMETERS = (
+    # first in the panel: a bundle of the alignment and similarity rows below
+    Parameter("Preset", str, CUSTOM, (CUSTOM,) + PRESETS, setting="preset", auto=CUSTOM, label="Preset:",
+              tooltip="Settings for a common case: brain MRI of one sequence (affine alignment, LNCC), another "
+                      "contrast or scanner (rigid alignment by mutual information, MIND-SSC), lung CT inhale/"
+                      "exhale (rigid, MIND-SSC; add lung masks). Changing one of its settings makes it custom."),
     Parameter("Update", str, "gradient", UPDATES, setting="update"),
     Parameter("MaxSteps", int, 0, setting="max_steps", auto=0),
     Parameter("Tolerance", float, 0.0, setting="tol", auto=0.0),
@@ -100,6 +115,11 @@ PARAMETERS = (
     Parameter("Init", str, "affine", INITS, setting="init", label="Initial alignment:",
               tooltip="The linear stage before the deformable one: none (trust the headers), centres of mass, "
                       "rigid, or affine (rigid, then scaling and shear)."),
+    Parameter("InitSimilarity", str, AUTO, (AUTO,) + INIT_SIMILARITIES, setting="init_similarity", auto=AUTO,
+              label="Alignment similarity:",
+              tooltip="What the initial alignment compares: global normalized cross-correlation, mutual "
+                      "information (another contrast), LNCC or mean squared error (auto: the one that suits the "
+                      "deformable similarity)."),
     Parameter("Sigma", float, 1.5, setting="sigma", gradient_only=True, label="Step smoothing:",
               tooltip="Width (voxels) of the Gaussian that smooths each step of the gradient update (0: none).",
               limits=(0.0, 10.0, 0.25, 2)),
@@ -166,11 +186,22 @@ class ParameterNode:
         return value if not p.choices or value in p.choices else p.default
 
     def set(self, name, value):
+        """Store one value. Choosing a preset sets its parameters; changing one of them from the preset's
+        value makes the preset "custom" (so ``settings()`` never names a preset the values do not follow)."""
         p = BY_NAME[name]
         value = p.parse(str(value)) if p.kind is bool and isinstance(value, str) else p.kind(value)
         if p.choices and value not in p.choices:
             raise ValueError(f"{name} must be one of {', '.join(map(str, p.choices))}, got {value!r}")
-        self.node.SetParameter(name, repr(value) if p.kind is float else str(value))
+        wasModified = self.node.StartModify()
+        try:
+            self.node.SetParameter(name, repr(value) if p.kind is float else str(value))
+            if name == "Preset" and value in PRESET_VALUES:
+                for key, preset_value in PRESET_VALUES[value].items():
+                    self.node.SetParameter(key, str(preset_value))
+            elif self.get("Preset") in PRESET_VALUES and PRESET_VALUES[self.get("Preset")].get(name, value) != value:
+                self.node.SetParameter("Preset", CUSTOM)
+        finally:
+            self.node.EndModify(wasModified)
 
     def getNode(self, role):
         assert role in NODE_REFERENCES, role
