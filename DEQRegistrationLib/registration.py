@@ -20,10 +20,11 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import chunked, masks, metrics
+from . import chunked, masks
 from .alignment import Aligner, Alignment, identity as identity_alignment, planned_steps
 from .checkpoint import load_operator
-from .config import GRADIENT_ANDERSON_MEMORY, GRADIENT_ANDERSON_RESTART, GRADIENT_MAX_STEPS, GRADIENT_TOL, ModelConfig, Settings, make_settings
+from .config import (GRADIENT_ANDERSON_MEMORY, GRADIENT_ANDERSON_RESTART, GRADIENT_MAX_STEPS, GRADIENT_TOL,
+                     ModelConfig, Settings, make_settings)
 from .errors import AlignmentWarning, InputError
 from .geometry import ras_to_lps, voxel_field_to_physical
 from .image import Image
@@ -230,7 +231,8 @@ def make_plan(settings: Settings, op: UpdateOperator, config: Optional[ModelConf
         raise InputError(f"level_weights has {len(weights)} entries but the pyramid {pyramid} has {len(pyramid)}")
     levels = plan_levels(pyramid, int(pick("max_steps")), weights)
     solver = pick("solver")
-    options = dict(memory=GRADIENT_ANDERSON_MEMORY, restart=GRADIENT_ANDERSON_RESTART) if settings.update == "gradient" and solver == "anderson" else {}
+    gradient_anderson = settings.update == "gradient" and solver == "anderson"
+    options = dict(memory=GRADIENT_ANDERSON_MEMORY, restart=GRADIENT_ANDERSON_RESTART) if gradient_anderson else {}
     grid = None
     if spacing is not None:
         source = ("settings" if settings.pyramid is not None else "model" if settings.update != "gradient"

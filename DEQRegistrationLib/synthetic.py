@@ -72,6 +72,13 @@ def move_rigidly(image: Image, motion: np.ndarray, labels: Optional[np.ndarray] 
     return Image(data, affine), moved_labels
 
 
+def _unit_range(data: np.ndarray) -> np.ndarray:
+    """Intensities scaled to [0, 1] between their 0.5th and 99.5th percentiles (the contrast maps' input)."""
+    x = np.asarray(data, dtype=np.float32)
+    lo, hi = float(np.percentile(x, 0.5)), float(np.percentile(x, 99.5))
+    return np.clip((x - lo) / max(hi - lo, 1e-12), 0, 1)
+
+
 def contrast_change(data: np.ndarray) -> np.ndarray:
     """A non-monotonic intensity map: on intensities scaled to [0, 1], x -> |sin(1.5 pi x)| (background stays 0).
 
@@ -80,10 +87,7 @@ def contrast_change(data: np.ndarray) -> np.ndarray:
     kept: what another MR sequence does to the same anatomy, roughly. A
     similarity that assumes a linear intensity relation (LNCC, MSE) is misled.
     """
-    x = np.asarray(data, dtype=np.float32)
-    lo, hi = float(np.percentile(x, 0.5)), float(np.percentile(x, 99.5))
-    u = np.clip((x - lo) / max(hi - lo, 1e-12), 0, 1)
-    return np.abs(np.sin(1.5 * np.pi * u)).astype(np.float32)
+    return np.abs(np.sin(1.5 * np.pi * _unit_range(data))).astype(np.float32)
 
 
 def t2_like(data: np.ndarray, csf: float = 0.3, white: float = 0.25) -> np.ndarray:
@@ -95,9 +99,7 @@ def t2_like(data: np.ndarray, csf: float = 0.3, white: float = 0.25) -> np.ndarr
     about 1, 0.7 and 0.4: the order of T2 contrast. Non-monotonic like ``contrast_change``, but the
     realistic case: the background and the CSF, dark next to each other in T1, are far apart here.
     """
-    x = np.asarray(data, dtype=np.float32)
-    lo, hi = float(np.percentile(x, 0.5)), float(np.percentile(x, 99.5))
-    u = np.clip((x - lo) / max(hi - lo, 1e-12), 0, 1)
+    u = _unit_range(data)
     out = np.where(u < csf, u / csf, 1.0 - (1.0 - white) * (u - csf) / (1.0 - csf))
     return out.astype(np.float32)
 

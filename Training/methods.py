@@ -207,13 +207,13 @@ class TrainStep(nn.Module):
     def states(self, fixed, moving) -> List[torch.Tensor]:
         """Every supervised state with its graph (DEQ: all n phantom graphs at once)."""
         cfg, m = self.cfg, self.cfg.method
-        z0, f = self.z0(fixed), self._f(fixed, moving)
-        k = int(cfg.trained_steps or cfg.max_steps)
+        f = self._f(fixed, moving)
         if m == "deqreg":
             z0, budget = self.start(fixed, moving)
             out = self.deq(f, z0, budget)
             self.last_solver_steps = out.info.steps
             return out.states
+        z0, k = self.z0(fixed), int(cfg.trained_steps or cfg.max_steps)
         if m == "voxelmorph":
             return unroll(f, z0, 1)
         if m == "riir":
