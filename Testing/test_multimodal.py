@@ -5,7 +5,10 @@ intensities), slice 118 with its DKT31 labels; one of the pairs MIND's diffusion
 weight was chosen on (config.SIMILARITY_OPERATOR_DEFAULTS). The pyramid is
 (4, 2), the 2 mm working grids the 3D brain gets. With the former weight 0.02
 this pair folded 1.06 % of the pixels and did not converge in 216 steps
-(Dice 0.443); with 0.1: 0 % folded, converged in 88 steps, Dice 0.493.
+(Dice 0.443); with 0.1: 0 % folded, converged in 88 steps, Dice 0.493 (descriptors
+of the pooled image, dilation 1: 0.488, 0.011 % folded); with each level's
+descriptors pooled from the full-resolution MIND (dilation 2): 0.503, 0 % folded,
+converged in 148 steps.
 """
 from __future__ import annotations
 
@@ -34,5 +37,5 @@ def test_mind_registers_a_contrast_changed_slice_without_folding(shared_data):
     folded = metrics.folding_percent(r.jacobian)
     assert r.converged, (r.steps, r.final_residual)
     assert folded < 0.1, folded
-    assert dice > before + 0.05 and dice > 0.47, (before, dice)
+    assert dice > before + 0.05 and dice > 0.495, (before, dice)
     assert np.isfinite(r.displacement).all()

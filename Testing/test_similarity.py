@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from DEQRegistrationLib import config, losses, similarity as S
 from DEQRegistrationLib.operators import GradientUpdate, gaussian_smooth
+from DEQRegistrationLib.transforms import downsample_image
 
 SIMS = ["lncc", "mse", "mind"]
 
@@ -161,6 +162,44 @@ def test_mind_ssc_descriptor(ndim, channels):
     torch.testing.assert_close(S.mind_ssc(3.0 * image + 7.0), mind)
 
 
+@pytest.mark.parametrize("shape,factors,chunk", [((16, 12, 20), [4, 2], 12 * 20 * 4), ((24, 20), [1, 2, 4], 20 * 4)])
+def test_mind_pooled_slab_by_slab_equals_the_whole_descriptor_pooled(shape, factors, chunk):
+    """Large volumes get their MIND descriptors slab by slab (a halo of radius + dilation rows, the
+    variance's image mean from a first pass): the numbers must be those of the whole volume."""
+    image = smooth_image(shape, 3, cells=5) + 0.05 * torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(4),
+                                                                  dtype=torch.float64)
+    whole = S.mind_ssc_pooled(image, factors)
+    by_slab = S.mind_ssc_pooled(image, factors, chunk_voxels=chunk)  # 4-row slabs: several per volume
+    descriptor = S.mind_ssc(image)
+    for f, w, b in zip(factors, whole, by_slab):
+        assert w.shape == (1, S.mind_channels(len(shape)), *[n // f for n in shape])
+        torch.testing.assert_close(b, w, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(w, downsample_image(descriptor, f))
+
+
+def test_a_coarse_mind_level_keeps_the_texture_a_pooled_image_loses():
+    """Why MIND's levels come from the full-resolution image: two images whose 2x2 block means are equal
+    (one carries a fine checkerboard) give the same pooled image, so a descriptor of the pooled image
+    cannot tell them apart; the full-resolution descriptor, pooled, does. LNCC keeps the pooled image."""
+    shape = (16, 16)
+    base = smooth_image(shape, 5, cells=4)
+    i, j = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    textured = base + 0.2 * ((-1.0) ** (i + j)).to(base.dtype)  # zero mean over every 2x2 block
+    torch.testing.assert_close(downsample_image(textured, 2), downsample_image(base, 2))
+    lncc, mind = GradientUpdate(similarity="lncc"), GradientUpdate(similarity="mind")
+    torch.testing.assert_close(lncc.level_inputs(textured, [2])[0], lncc.level_inputs(base, [2])[0])
+    a, b = mind.level_inputs(base, [2])[0], mind.level_inputs(textured, [2])[0]
+    assert a.shape == (1, 4, 8, 8)
+    assert float((a - b).abs().mean()) > 0.05
+    # the operator then compares those descriptors as they are (not a descriptor of the descriptor)
+    torch.testing.assert_close(mind.sim.features(a), a)
+
+
+def test_mind_features_refuse_an_input_that_is_neither_image_nor_descriptor():
+    with pytest.raises(ValueError, match="1 channel"):
+        S.MINDSSC().features(torch.zeros(1, 3, 8, 8))
+
+
 def test_mind_registers_an_inverted_contrast_where_mse_cannot():
     """A multi-modal toy: moving has inverted intensities. MIND's gradient points the same way as
     for the same-contrast pair; MSE's does not."""
@@ -225,3 +264,15 @@ def test_settings_offer_exactly_the_similarities_the_module_has():
     assert set(config.SIMILARITIES) == set(S.SIMILARITIES)
     with pytest.raises(ValueError, match="unknown similarity"):
         S.get_similarity("ncc2")
+
+
+def test_mind_diffusion_weight_follows_the_dimension_unless_given():
+    """3D: ConvexAdam's weight in this energy's scale (0.035); 2D slices: 0.1 (chosen on 2D subjects 1-6)."""
+    from DEQRegistrationLib.registration import make_operator
+    mind = config.make_settings(similarity="mind")
+    assert make_operator(mind, 3)[0].diffusion_weight == pytest.approx(0.035)
+    assert make_operator(mind, 2)[0].diffusion_weight == pytest.approx(0.1)
+    given = config.make_settings(similarity="mind", diffusion_weight=0.2)
+    assert make_operator(given, 3)[0].diffusion_weight == pytest.approx(0.2)
+    lncc = config.make_settings()
+    assert make_operator(lncc, 3)[0].diffusion_weight == make_operator(lncc, 2)[0].diffusion_weight == 0.45

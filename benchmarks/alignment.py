@@ -17,7 +17,10 @@ over the labels present in both maps):
 * ``t2``: the same with a T2-like map (``synthetic.t2_like``: CSF brightest,
   white matter darkest, background 0);
 * ANTs ``SyN`` (affine stage + SyN, antspyx defaults) beside the moved and
-  aligned cases, when antspyx is installed.
+  aligned cases, when antspyx is installed;
+* ConvexAdam (``convexadam``, the weight-free MIND-SSC method of Learn2Reg, its
+  defaults) beside the contrast and T2-like cases, when it is installed:
+  ``convexadam-contrast``, ``convexadam-t2``.
 
 Each case is one ``deqreg register`` call in this process (``cli.main``);
 times are wall seconds on whatever else the machine is doing.
@@ -47,7 +50,7 @@ from DEQRegistrationLib.synthetic import contrast_change, grid_centre, move_rigi
 import numpy as np  # noqa: E402
 
 CASES = ("aligned", "aligned-none", "moved", "contrast-lncc", "contrast-mind", "t2-lncc", "t2-mind", "ants-moved",
-         "ants-aligned")
+         "ants-aligned", "convexadam-contrast", "convexadam-t2")
 
 
 def random_motion(moving: Image, seed: int, degrees: float = 18.0, mm: float = 18.0) -> np.ndarray:
@@ -80,6 +83,20 @@ def ants_syn(fixed, moving, fixed_seg, moving_seg) -> dict:
     fs = io.load_labels(fixed_seg).data
     return dict(dice_mean=metrics.mean_dice(fs, np.rint(warped).astype(np.int32)), seconds=seconds,
                 folding_percent=None)
+
+
+def convex_adam(fixed: Image, moving: Image, fixed_seg, moving_seg) -> dict:
+    """ConvexAdam with its defaults; its (H, W, D, 3) voxel displacement maps fixed voxel x to moving x + u(x)."""
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    t0 = time.perf_counter()
+    disp = convex_adam_pt(fixed.data, moving.data, device=torch.device("cpu"))
+    seconds = time.perf_counter() - t0
+    disp = np.moveaxis(np.asarray(disp, np.float32), -1, 0)
+    warped = Sampler.between(fixed, moving).labels(moving_seg, disp)  # same grids: x + u(x) in moving voxels
+    return dict(dice_mean=metrics.mean_dice(fixed_seg, warped), seconds=seconds,
+                folding_percent=metrics.folding_percent(metrics.jacobian_determinant(disp)))
 
 
 def run(oasis: Path, cases, work: Path, seed: int) -> dict:
@@ -116,6 +133,16 @@ def run(oasis: Path, cases, work: Path, seed: int) -> dict:
         world = np.linalg.inv(motion) @ (np.eye(4) if saved.world is None else saved.world)
         warped = Sampler(fixed.shape, fixed.affine, moving.affine, world=world).labels(mseg.data, saved.displacement)
         report("moved", m, dice_original_labels=metrics.mean_dice(fseg.data, warped))
+    try:
+        import convexAdam  # noqa: F401
+        have_convex_adam = True
+    except ImportError:
+        have_convex_adam = False
+    if have_convex_adam and "convexadam-contrast" in cases:
+        report("convexadam-contrast", convex_adam(fixed, Image(contrast_change(moving.data), moving.affine),
+                                                  fseg.data, mseg.data))
+    if have_convex_adam and "convexadam-t2" in cases:
+        report("convexadam-t2", convex_adam(fixed, Image(t2_like(moving.data), moving.affine), fseg.data, mseg.data))
     if "contrast-lncc" in cases or "contrast-mind" in cases:
         contrast_p = work / "contrast.nii.gz"
         io.save_image(Image(contrast_change(moving.data), moving.affine), contrast_p)
