@@ -6,9 +6,9 @@ moving RAS, itself solved as fixed-point problems) -> resample moving into the
 fixed grid through W (``Sampler``) and normalise -> pad so every level
 divides exactly -> for each level of the plan (``levels``), coarse to fine,
 solve z = op(z) with the chosen root solver, upsampling the field between
-levels -> final field on the fixed grid, composed with W into one
-displacement -> warp the *original* moving image once, through both affines,
-W and the field.
+levels (``coarse_to_fine``, the loop training shares) -> final field on the
+fixed grid, composed with W into one displacement -> warp the *original*
+moving image once, through both affines, W and the field.
 """
 from __future__ import annotations
 
