@@ -6,9 +6,9 @@ moving RAS, itself solved as fixed-point problems) -> resample moving into the
 fixed grid through W (``Sampler``) and normalise -> pad so every level
 divides exactly -> for each level of the plan (``levels``), coarse to fine,
 solve z = op(z) with the chosen root solver, upsampling the field between
-levels -> final field on the fixed grid, composed with W into one
-displacement -> warp the *original* moving image once, through both affines,
-W and the field.
+levels (``coarse_to_fine``, the loop training shares) -> final field on the
+fixed grid, composed with W into one displacement -> warp the *original*
+moving image once, through both affines, W and the field.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import torch
 from . import chunked, masks
 from .alignment import Aligner, Alignment, identity as identity_alignment, planned_steps
 from .checkpoint import load_operator
+from .coarse_to_fine import solve_levels
 from .config import (GRADIENT_ANDERSON_MEMORY, GRADIENT_ANDERSON_RESTART, GRADIENT_MAX_STEPS, GRADIENT_TOL,
                      ModelConfig, Settings, make_settings)
 from .errors import AlignmentWarning, InputError
@@ -32,7 +33,7 @@ from .levels import Level, auto_pyramid, describe_rule, plan_levels
 from .operators import GradientUpdate, UpdateOperator
 from .preprocess import check_pair, normalize_intensity, pad_to_multiple, to_tensor
 from .sampling import Sampler
-from .solvers import solve
+from .solvers import SolverResult, solve
 from .transforms import downsample_image, jacobian_determinant, upsample_field
 
 #: what a bare operator object (no stored ModelConfig) runs with
@@ -429,31 +430,28 @@ class _Registration:
         if self.alignment.stopped:  # cancelled during the alignment: the transform reached, no deformation
             return self._result(np.zeros((ndim, *self.fixed.shape), np.float32), False, True)
         pyramid, self.crop = self._prepare()
-        z, prev, converged, stopped = None, None, False, False
-        spare = 0  # steps a level left unused (it converged early) go to the next one: the total stays the budget
-        for index, level in enumerate(self.plan.levels):
-            with torch.no_grad():
-                fl, ml, wl = pyramid[index]
-                pyramid[index] = None
-                # the state: the field (+ a recurrent model's hidden state); each level runs its own operator
-                op = self.op.for_level(index)
-                if wl is not None:
-                    op = (lambda zz, f_, m_, op=op, wl=wl: op(zz, f_, m_, weight=wl))
-                z = (torch.zeros(1, self.op.state_channels(ndim), *fl.shape[2:], device=self.device) if z is None
-                     else upsample_field(z, prev // level.factor))
-                res = solve(lambda zz: op(zz, fl, ml), z, self.plan.solver, max_steps=level.steps + spare,
-                            tol=self.plan.tol, **self.plan.solver_options,
-                            callback=lambda _, r, zc, i=index, f=level.factor: self._on_step(i, f, r, zc))
-            spare += level.steps - res.steps
-            z, prev, converged = res.z, level.factor, res.converged
-            if res.stopped:
-                stopped = True
-                break
-        del pyramid, fl, ml, wl
-        # the final field straight into a float32 array on the fixed grid, slab by slab (``chunked``)
-        disp_np = chunked.upsample_field_into(z[:, :ndim], prev, self.fixed.shape)  # a recurrent model's hidden state dropped
-        del z, res
+        with torch.no_grad():
+            # the state: the field (+ a recurrent model's hidden state), zero on the coarsest grid
+            z0 = torch.zeros(1, self.op.state_channels(ndim), *pyramid[0][0].shape[2:], device=self.device)
+            out = solve_levels(self.plan.levels, z0, lambda i, z, steps: self._solve_level(pyramid, i, z, steps))
+        del pyramid, z0
+        # the final field straight into a float32 array on the fixed grid, slab by slab (``chunked``); a recurrent
+        # model's hidden state dropped
+        disp_np = chunked.upsample_field_into(out.z[:, :ndim], out.factor, self.fixed.shape)
+        converged, stopped = out.converged, out.stopped
+        del out
         return self._result(disp_np, converged, stopped)
+
+    def _solve_level(self, pyramid: list, index: int, z: torch.Tensor, steps: int) -> SolverResult:
+        """One level of the plan: its images (taken out of ``pyramid``, so each is freed once its level is
+        done), its operator, the plan's solver, every step reported (``_on_step``; the callback can stop)."""
+        fl, ml, wl = pyramid[index]
+        pyramid[index] = None
+        op = self.op.for_level(index)  # each level runs its own operator
+        f = (lambda zz: op(zz, fl, ml)) if wl is None else (lambda zz: op(zz, fl, ml, weight=wl))
+        factor = self.plan.levels[index].factor
+        return solve(f, z, self.plan.solver, max_steps=steps, tol=self.plan.tol, **self.plan.solver_options,
+                     callback=lambda _, r, zc: self._on_step(index, factor, r, zc))
 
     def _result(self, disp_np: np.ndarray, converged: bool, stopped: bool) -> RegistrationResult:
         warped = jacobian = warped_labels = None

@@ -38,8 +38,10 @@ from DEQRegistrationLib import losses
 from DEQRegistrationLib.checkpoint import build_operator
 from DEQRegistrationLib.config import ModelConfig, TrainingRecord
 from DEQRegistrationLib.deq import DEQ, equal_interval_steps, state_weights, unroll
-from DEQRegistrationLib.levels import split_budget
+from DEQRegistrationLib.coarse_to_fine import solve_levels
+from DEQRegistrationLib.levels import Level, split_budget
 from DEQRegistrationLib.operators import field_channels, recurrent_channels
+from DEQRegistrationLib.solvers import SolverResult
 from DEQRegistrationLib.transforms import downsample_image, upsample_field, warp
 
 METHODS = ("deqreg", "voxelmorph", "unroll", "riir", "gradirn")
@@ -151,10 +153,10 @@ class TrainStep(nn.Module):
 
     # ------------------------------------------------------------------ pieces
 
-    def z0(self, fixed):
-        """The initial state: a zero field (and hidden state) on ``fixed``'s grid."""
+    def z0(self, fixed, factor: int = 1):
+        """The initial state: a zero field (and hidden state) on ``fixed``'s grid pooled by ``factor``."""
         ndim = fixed.dim() - 2
-        return fixed.new_zeros(fixed.shape[0], self.op.state_channels(ndim), *fixed.shape[2:])
+        return fixed.new_zeros(fixed.shape[0], self.op.state_channels(ndim), *(n // factor for n in fixed.shape[2:]))
 
     def _f(self, fixed, moving):
         return lambda z: self.op(z, fixed, moving)
@@ -164,24 +166,25 @@ class TrainStep(nn.Module):
 
         By default a zero field and the whole budget T. With ``training.level_solve``
         and a stored pyramid coarser than the training grid, the solve is the one
-        register() runs: T split equally over the levels, each coarser level solved
-        without a graph from the previous one's upsampled field, and the training
-        grid's level (the supervised one) starts from the last of them.
+        register() runs (``coarse_to_fine.solve_levels``): T split equally over the
+        levels, each coarser level solved without a graph from the previous one's
+        upsampled field, and the training grid's level (the supervised one) starts
+        from the last of them. Unlike register(), a level that converges early does
+        not pass its unused steps on: every level keeps its share.
         """
         cfg = self.cfg
         budget = int(cfg.trained_steps or cfg.max_steps)
         rel = relative_levels(cfg)
         if not (cfg.method == "deqreg" and cfg.training.level_solve and len(rel) > 1 and rel[-1] == 1):
             return self.z0(fixed), budget
-        steps = split_budget(budget, [1.0] * len(rel))
-        z, prev = None, None
-        for factor, n in zip(rel[:-1], steps[:-1]):
-            fl, ml = downsample_image(fixed, factor), downsample_image(moving, factor)
-            z = self.z0(fl) if z is None else upsample_field(z, prev // factor)
-            if n > 0:
-                z = self.deq.solve(self._f(fl, ml), z, max_steps=n).z
-            prev = factor
-        return upsample_field(z, prev).detach(), max(1, steps[-1])
+        *coarse, fine = [Level(f, n) for f, n in zip(rel, split_budget(budget, [1.0] * len(rel)))]
+
+        def solve_level(index, z, steps):
+            fl, ml = (downsample_image(x, coarse[index].factor) for x in (fixed, moving))
+            return self.deq.solve(self._f(fl, ml), z, max_steps=steps)
+
+        out = solve_levels(coarse, self.z0(fixed, coarse[0].factor), solve_level, pass_on_unused=False)
+        return upsample_field(out.z, out.factor).detach(), max(1, fine.steps)
 
     def weights(self, n: int) -> torch.Tensor:
         scheme = "exponential" if self.cfg.method == "riir" else "uniform"
@@ -220,16 +223,15 @@ class TrainStep(nn.Module):
             return unroll(f, z0, k, keep=list(range(1, k + 1)))
         if m == "unroll" and not cfg.per_level_networks:  # models trained before one network per level
             return unroll(f, z0, k)
-        # unroll / gradirn: coarse to fine, an operator per level, field upsampled (and scaled) between levels
-        z, prev = None, None
-        for i, factor in enumerate(relative_levels(cfg)):
-            fl, ml = downsample_image(fixed, factor), downsample_image(moving, factor)
-            z = self.z0(fl) if z is None else upsample_field(z, prev // factor)
-            level_op = self.op.for_level(i)
-            for _ in range(repeats(cfg)):
-                z = level_op(z, fl, ml)
-            prev = factor
-        return [z]
+        # unroll / gradirn: coarse to fine, an operator per level, ``repeats`` steps each (with their graph)
+        levels = [Level(f, repeats(cfg)) for f in relative_levels(cfg)]
+
+        def unroll_level(index, z, steps):
+            fl, ml = (downsample_image(x, levels[index].factor) for x in (fixed, moving))
+            level_op = self.op.for_level(index)
+            return SolverResult(unroll(lambda zz: level_op(zz, fl, ml), z, steps)[0], steps, False, False)
+
+        return [solve_levels(levels, self.z0(fixed, levels[0].factor), unroll_level).z]
 
     # ------------------------------------------------------------------ objectives
 
