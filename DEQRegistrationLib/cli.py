@@ -541,7 +541,8 @@ def cmd_register(args, progress: Optional[Callable] = None) -> int:
     from .memory import check as memory_check
 
     memory_check(job.fixed, job.moving, update, labels=job.fixed_seg is not None, model=model,
-                 mode=getattr(args, "memory_check", "error"), warn=lambda m: print(f"{PROG}: {m}", file=sys.stderr))
+                 mode=getattr(args, "memory_check", "error"), warn=lambda m: print(f"{PROG}: {m}", file=sys.stderr),
+                 pyramid=job.settings.pyramid, similarity=job.settings.similarity)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AlignmentWarning)  # reported below, from metrics.json, as one line
         _, metrics = execute(job, out, progress=progress)

@@ -87,6 +87,10 @@ WORK_BYTES_PER_VOXEL = {"gradient": 700, "learned": 1500, "hybrid": 2200}
 #: after the solve, per fixed-grid voxel: the field as voxels (12) and as LPS mm (12, written at once
 #: on large grids), the warped moving image (4), the Jacobian (4), the folding mask and slab temporaries
 OUTPUT_BYTES_PER_VOXEL = 30
+#: MIND-SSC's descriptors are computed on the full-resolution image before the solve (``similarity.mind_ssc_pooled``):
+#: per full-resolution voxel computed at once (whole up to ``chunked.MIND_WHOLE_VOXELS``, else a slab of
+#: ``chunked.MIND_SLAB_VOXELS``); OASIS, 6.9 M voxels: peak 1.58 GB with MIND, 0.87 GB with LNCC
+MIND_BYTES_PER_VOXEL = 110
 #: a warning above this share of the available memory; an error above all of it
 WARN_SHARE = 0.8
 
@@ -133,13 +137,17 @@ def available_bytes() -> int:
 
 
 def estimate(fixed_shape, moving_shape, update: str = "gradient", working_voxels: Optional[int] = None,
-             labels: bool = False, resident: int = 0) -> Estimate:
+             labels: bool = False, resident: int = 0, similarity: str = "lncc") -> Estimate:
     """Peak memory of ``deqreg register`` on a pair of this size (see the constants), minus what is already
     ``resident`` (the loaded inputs), against what is available now."""
+    from .chunked import MIND_SLAB_VOXELS, MIND_WHOLE_VOXELS
+
     nf, nm = int(np.prod(fixed_shape)), int(np.prod(moving_shape))
     working = nf if working_voxels is None else int(working_voxels)
     inputs = 4 * (nf + nm) + (8 * (nf + nm) if labels else 0)
     solve = inputs + WORK_BYTES_PER_VOXEL.get(update, WORK_BYTES_PER_VOXEL["learned"]) * working + 12 * nf
+    if update == "gradient" and similarity == "mind":
+        solve += MIND_BYTES_PER_VOXEL * (nf if nf <= MIND_WHOLE_VOXELS else MIND_SLAB_VOXELS)
     outputs = 4 * nm + OUTPUT_BYTES_PER_VOXEL * nf + (12 * nf if labels else 0)
     need = BASE_BYTES + max(solve, outputs)
     parts = {"inputs": inputs, "solve": solve - inputs, "outputs": outputs}
@@ -160,7 +168,7 @@ def working_voxels(fixed: Image, update: str, pyramid=None) -> int:
 
 
 def check(fixed: Image, moving: Image, update: str, labels: bool = False, pyramid=None, mode: str = "error",
-          warn=None, model=None) -> Optional[Estimate]:
+          warn=None, model=None, similarity: str = "lncc") -> Optional[Estimate]:
     """The preflight: raise ``InputError`` (mode 'error') or warn when the estimate exceeds what is available.
 
     The message gives need vs available and what makes it fit: the gradient
@@ -174,7 +182,8 @@ def check(fixed: Image, moving: Image, update: str, labels: bool = False, pyrami
     if pyramid is None and model is not None and update != "gradient":
         pyramid = _model_pyramid(model, fixed.ndim)
     resident = fixed.data.nbytes + moving.data.nbytes  # loaded already: counted in both need and available
-    est = estimate(fixed.shape, moving.shape, update, working_voxels(fixed, update, pyramid), labels, resident)
+    est = estimate(fixed.shape, moving.shape, update, working_voxels(fixed, update, pyramid), labels, resident,
+                   similarity)
     if est.need <= WARN_SHARE * est.available:
         return est
     hint = _hint(fixed, moving, update, labels, est)

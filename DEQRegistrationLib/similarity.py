@@ -376,7 +376,8 @@ def mind_ssc_pooled(image: torch.Tensor, factors, radius: int = 1, dilation: int
     MIND at full resolution and pools it too). On the 2D OASIS-TRT-20 subjects
     1-6 under ``synthetic.contrast_change`` it raised mean Dice from 0.441 to
     0.452 and made all six solves converge (one did before).
-    Large volumes go slab by slab along axis 0 (``chunk_voxels`` voxels a slab,
+    Volumes above ``chunked.MIND_WHOLE_VOXELS`` go slab by slab along axis 0
+    (``chunk_voxels`` voxels a slab, by default ``chunked.MIND_SLAB_VOXELS``;
     a halo of radius + dilation rows): the same numbers as whole, with the
     image mean of the variance gathered in a first pass. Every axis-0 length
     must divide by every factor (the pipeline pads to a multiple).
@@ -384,8 +385,9 @@ def mind_ssc_pooled(image: torch.Tensor, factors, radius: int = 1, dilation: int
     factors = [int(f) for f in factors]
     ndim = image.dim() - 2
     n0 = image.shape[2]
-    chunk = chunked.MIND_CHUNK_VOXELS if chunk_voxels is None else int(chunk_voxels)
-    if image[0, 0].numel() <= chunk:
+    whole = chunked.MIND_WHOLE_VOXELS if chunk_voxels is None else int(chunk_voxels)
+    chunk = chunked.MIND_SLAB_VOXELS if chunk_voxels is None else int(chunk_voxels)
+    if image[0, 0].numel() <= whole:
         full = mind_ssc(image, radius, dilation)
         return [downsample_image(full, f) for f in factors]
     step = math.lcm(*factors)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from DEQRegistrationLib import Image, cli, memory, register
+from DEQRegistrationLib import Image, chunked, cli, memory, register
 
 from conftest import blob_volume, oblique_affine
 
@@ -78,6 +78,9 @@ def test_estimate_fits_the_ct_sized_pair_in_40_bytes_per_voxel():
     fixed = Image(np.broadcast_to(np.float32(0), shape), np.diag([0.8, 0.8, 1.0, 1.0]))
     est = memory.estimate(shape, shape, "gradient", memory.working_voxels(fixed, "gradient"))
     assert est.need <= 40 * np.prod(shape)
+    # MIND's full-resolution descriptors go slab by slab there: a bounded extra, not bytes per voxel
+    mind = memory.estimate(shape, shape, "gradient", memory.working_voxels(fixed, "gradient"), similarity="mind")
+    assert 0 < mind.need - est.need <= memory.MIND_BYTES_PER_VOXEL * chunked.MIND_SLAB_VOXELS
 
 
 def test_field_written_early_gives_the_same_files(pair3d, tmp_path, monkeypatch, capsys):
