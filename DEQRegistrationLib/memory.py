@@ -186,7 +186,7 @@ def check(fixed: Image, moving: Image, update: str, labels: bool = False, pyrami
                    similarity)
     if est.need <= WARN_SHARE * est.available:
         return est
-    hint = _hint(fixed, moving, update, labels, est)
+    hint = _hint(fixed, moving, update, labels, est, similarity)
     text = (f"this registration needs {est.describe()} for a {'x'.join(map(str, fixed.shape))} fixed grid; {hint}")
     if est.need > est.available and mode == "error":
         raise InputError(text + " (--memory-check warn runs it anyway)")
@@ -204,15 +204,17 @@ def _model_pyramid(model, ndim: int):
         return None
 
 
-def _hint(fixed: Image, moving: Image, update: str, labels: bool, est: Estimate) -> str:
+def _hint(fixed: Image, moving: Image, update: str, labels: bool, est: Estimate, similarity: str = "lncc") -> str:
     if update != "gradient":
-        g = estimate(fixed.shape, moving.shape, "gradient", working_voxels(fixed, "gradient"), labels)
+        g = estimate(fixed.shape, moving.shape, "gradient", working_voxels(fixed, "gradient"), labels,
+                     similarity=similarity)
         if g.need <= WARN_SHARE * est.available:
             return f"with --model none (the gradient mode) it needs about {g.gb(g.need)}"
     for k in (1.25, 1.5, 2.0, 2.5, 3.0, 4.0):
         shape = [max(2, int(n / k)) for n in fixed.shape]
         g = estimate(shape, [max(2, int(n / k)) for n in moving.shape], "gradient",
-                     working_voxels(Image(np.broadcast_to(np.float32(0), shape), fixed.affine), "gradient"), labels)
+                     working_voxels(Image(np.broadcast_to(np.float32(0), shape), fixed.affine), "gradient"), labels,
+                     similarity=similarity)
         if g.need <= WARN_SHARE * est.available:
             spacing = ", ".join(f"{s * k:.2g}" for s in fixed.spacing)
             return (f"it fits (about {g.gb(g.need)}) with both images resampled to {k:g}x coarser voxels "
