@@ -187,6 +187,36 @@ class FolderPairs:
         return self.pair(i, j)
 
 
+def elastic_field(gen: torch.Generator, shape: Sequence[int], spacing: Sequence[float], spacing_mm: float,
+                  max_mm: float, squarings: int = 6) -> torch.Tensor:
+    """A random smooth, invertible displacement (1, ndim, *shape) in voxel units of ``shape``.
+
+    Gaussian noise on a control grid ``spacing_mm`` apart (at least 2 points
+    per axis), upsampled linearly to the grid and smoothed (Gaussian, sigma a
+    quarter of the spacing, which removes the linear kinks), is a velocity
+    field; it is scaled so its largest displacement is U(0.3, 1) x ``max_mm``
+    (per-axis voxel size ``spacing`` mm) and integrated by scaling and
+    squaring (``squarings`` compositions with ``transforms.warp``), so the
+    result is a diffeomorphism up to interpolation (its largest displacement
+    stays close to the velocity's). Draws: the noise, then the amplitude.
+    """
+    shape = tuple(int(n) for n in shape)
+    ndim = len(shape)
+    spacing = [float(v) for v in spacing]
+    coarse = [max(2, int(math.ceil(n * sp / spacing_mm)) + 1) for n, sp in zip(shape, spacing)]
+    noise = torch.randn(1, ndim, *coarse, generator=gen, dtype=torch.float32)
+    mode = "trilinear" if ndim == 3 else "bilinear"
+    v = F.interpolate(noise, size=shape, mode=mode, align_corners=True)
+    v = gaussian_smooth(v, 0.25 * spacing_mm / min(spacing))
+    mm = v * torch.tensor(spacing, dtype=v.dtype).view(1, ndim, *([1] * ndim))
+    peak = mm.pow(2).sum(1).sqrt().amax().clamp_min(1e-6)
+    amp = float(_uniform(gen, 0.3, 1.0)) * max_mm
+    v = v * (amp / peak) / (2 ** squarings)
+    for _ in range(squarings):
+        v = v + warp(v, v)
+    return v
+
+
 class Augment:
     """Random augmentation of a source's pairs (full-resolution arrays, before the working grid).
 
@@ -197,15 +227,27 @@ class Augment:
       3D: about each axis) and isotropic scaling about the centre, drawn
       *independently* for fixed and moving (more varied misalignments);
       images linear, label maps nearest.
+    * ``elastic`` = (spacing_mm, max_mm): a random smooth deformation per
+      image, drawn *independently* for fixed and moving (each image becomes a
+      new plausible "subject"; see ``elastic_field``): Gaussian noise on a
+      control grid of that spacing, upsampled and smoothed, scaled so its
+      largest displacement is U(0.3, 1) x max_mm, integrated by scaling and
+      squaring (a stationary velocity field: no folds). It is composed with
+      the rotation/scaling into one resampling (image linear, labels nearest,
+      the same coordinates for both).
     * ``gamma``: intensities mapped to [0, 1] (percentiles, as register()
       does) and raised to exp(N(0, gamma)), independently per image.
-    All draws come from the training generator, so resume stays exact.
+    All draws come from the training generator, so resume stays exact; with
+    ``elastic`` off no draw is added (earlier runs reproduce unchanged).
     """
 
     def __init__(self, source, flip_axes: Sequence[int] = (0,), rotate: float = 0.0, scale: float = 0.0,
-                 gamma: float = 0.0):
+                 gamma: float = 0.0, elastic: Optional[Sequence[float]] = None):
         self.source, self.flip_axes = source, tuple(flip_axes)
         self.rotate, self.scale, self.gamma = rotate, scale, gamma
+        self.elastic = tuple(float(v) for v in elastic) if elastic else None
+        if self.elastic and (len(self.elastic) != 2 or min(self.elastic) <= 0):
+            raise ValueError("elastic needs two positive numbers: control-point spacing (mm) and max displacement (mm)")
         self.prefactored = getattr(source, "prefactored", False)
 
     def _matrix(self, gen, ndim: int) -> torch.Tensor:
@@ -236,12 +278,18 @@ class Augment:
         for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
             if key in s and flips:
                 s[key] = np.ascontiguousarray(np.flip(s[key], axis=tuple(flips)))
+        spacing = np.asarray(s.get("spacing", np.ones(ndim)), dtype=np.float64).reshape(-1)[:ndim]
         for which in ("fixed", "moving"):
-            if self.rotate or self.scale:
-                sampler = self._sampler(np.shape(s[which]), self._matrix(gen, ndim))
-                s[which] = sampler.image(np.asarray(s[which], dtype=np.float32))
+            if self.rotate or self.scale or self.elastic:
+                shape = np.shape(s[which])
+                M = self._matrix(gen, ndim) if (self.rotate or self.scale) else torch.eye(ndim, dtype=torch.float64)
+                sampler = self._sampler(shape, M)
+                disp = None
+                if self.elastic:
+                    disp = elastic_field(gen, shape, spacing, *self.elastic)[0].numpy()
+                s[which] = sampler.image(np.asarray(s[which], dtype=np.float32), disp)
                 if f"{which}_labels" in s:
-                    s[f"{which}_labels"] = sampler.labels(np.asarray(s[f"{which}_labels"]))
+                    s[f"{which}_labels"] = sampler.labels(np.asarray(s[f"{which}_labels"]), disp)
             if self.gamma:
                 x = normalize_intensity(torch.as_tensor(np.asarray(s[which], dtype=np.float32)))
                 g = math.exp(float(torch.randn(1, generator=gen)) * self.gamma)

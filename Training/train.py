@@ -73,6 +73,10 @@ def parse_args(argv=None):
     ap.add_argument("--rotate", type=float, default=0.0, help="augment: max rotation (degrees) per image")
     ap.add_argument("--scale", type=float, default=0.0, help="augment: max log isotropic scaling per image")
     ap.add_argument("--gamma", type=float, default=0.0, help="augment: std of the log intensity gamma per image")
+    ap.add_argument("--elastic", type=float, nargs=2, default=None, metavar=("SPACING_MM", "MAX_MM"),
+                    help="augment: a random smooth invertible deformation per image (fixed and moving drawn "
+                         "independently, applied to image and labels alike): control-point spacing and largest "
+                         "displacement in mm (e.g. 16 4); scaling and squaring of a smoothed random velocity")
     ap.add_argument("--json", help="Learn2Reg {name}_dataset.json (--data learn2reg)")
     ap.add_argument("--mix", type=float, default=0.5, help="probability of the first source when mixing")
     ap.add_argument("--factor", type=int, default=1, help="working grid = image grid pooled by this (stored in the model)")
@@ -160,8 +164,9 @@ def train(args) -> dict:
     out = Path(args.out)
     lam = args.lam if args.lam is not None else LAMBDA_DEFAULTS[args.task]
     augment = {}
-    if args.flip is not None or args.rotate or args.scale or args.gamma:
-        augment = dict(flip_axes=list(args.flip or ()), rotate=args.rotate, scale=args.scale, gamma=args.gamma)
+    if args.flip is not None or args.rotate or args.scale or args.gamma or args.elastic:
+        augment = dict(flip_axes=list(args.flip or ()), rotate=args.rotate, scale=args.scale, gamma=args.gamma,
+                       elastic=args.elastic)
     cfg = make_config(args.method, args.ndim, enc=args.enc, dec=args.dec, factor=args.factor,
                       max_steps=args.max_steps, unroll_steps=args.unroll_steps, levels=args.levels,
                       repeats=args.repeats, net=args.net, hidden=args.hidden,
