@@ -377,8 +377,8 @@ def mind_ssc_pooled(image: torch.Tensor, factors, radius: int = 1, dilation: int
     1-6 under ``synthetic.contrast_change`` it raised mean Dice from 0.441 to
     0.452 and made all six solves converge (one did before).
     Volumes above ``chunked.MIND_WHOLE_VOXELS`` go slab by slab along axis 0
-    (``chunk_voxels`` voxels a slab, by default ``chunked.MIND_SLAB_VOXELS``;
-    a halo of radius + dilation rows): the same numbers as whole, with the
+    (``chunked.MIND_SLAB_VOXELS`` voxels a slab, a halo of radius + dilation
+    rows; a given ``chunk_voxels`` sets both sizes, as the tests do): the same numbers as whole, with the
     image mean of the variance gathered in a first pass. Every axis-0 length
     must divide by every factor (the pipeline pads to a multiple).
     """
