@@ -18,7 +18,7 @@ The Slicer module's hook (one line in its refresh): ``pv = progress.preview(max_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
