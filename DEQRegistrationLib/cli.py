@@ -260,7 +260,11 @@ class ProgressBar:
         if self.bar.total != p.max_steps:
             self.bar.total = p.max_steps
         self.bar.update(p.step - self.bar.n)
-        stage = "alignment " if getattr(p, "stage", "deformable") == "alignment" else ""
+        stage = getattr(p, "stage", "deformable")
+        if stage == "features":  # no solver step: the full-resolution descriptors, before the deformable stage
+            self.bar.set_postfix_str(f"descriptors {100 * (p.fraction or 0):.0f}%", refresh=True)
+            return None
+        stage = "alignment " if stage == "alignment" else ""
         self.bar.set_postfix_str(f"{stage}level {p.level + 1}/{p.n_levels} residual {p.residual:.2e}", refresh=False)
         return None
 

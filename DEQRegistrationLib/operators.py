@@ -98,10 +98,17 @@ class UpdateOperator(nn.Module):
         """The operator of pyramid level ``level`` (one operator for all levels unless a ``LevelStack``)."""
         return self
 
-    def level_inputs(self, image: torch.Tensor, factors) -> list:
+    def level_inputs(self, image: torch.Tensor, factors, on_progress=None) -> list:
         """The operator's fixed or moving input at each pyramid level, from the full-resolution (padded) image:
-        the image average-pooled by each factor (a MIND gradient operator: the descriptor, pooled)."""
+        the image average-pooled by each factor (a MIND gradient operator: the descriptor, pooled, reporting
+        ``on_progress(fraction)`` as it goes)."""
         return [downsample_image(image, int(f)) for f in factors]
+
+    @property
+    def costly_inputs(self) -> bool:
+        """``level_inputs`` computes full-resolution features (MIND): worth a progress stage of its own."""
+        sim = getattr(self, "sim", None)
+        return bool(getattr(sim, "costly_inputs", False))
 
     @property
     def multiple(self) -> int:
@@ -133,8 +140,8 @@ class GradientUpdate(UpdateOperator):
         self.sim = make_similarity(similarity, window)
         self.similarity = self.sim.name
 
-    def level_inputs(self, image, factors):
-        return self.sim.level_inputs(image, factors)
+    def level_inputs(self, image, factors, on_progress=None):
+        return self.sim.level_inputs(image, factors, on_progress)
 
     def forward(self, z, fixed, moving, weight=None):
         g = similarity_gradient(z, fixed, moving, self.sim, self.window, self.diffusion_weight, weight=weight)
@@ -236,8 +243,17 @@ class LevelStack(UpdateOperator):
     def state_channels(self, ndim: int) -> int:
         return self.levels[0].state_channels(ndim)
 
-    def level_inputs(self, image, factors):
-        return [op.level_inputs(image, [f])[0] for op, f in zip(self.levels, factors)]
+    def level_inputs(self, image, factors, on_progress=None):
+        n = len(self.levels)
+
+        def part(i):  # level i's share of the whole
+            return None if on_progress is None else (lambda fraction: on_progress((i + fraction) / n))
+
+        return [op.level_inputs(image, [f], part(i))[0] for i, (op, f) in enumerate(zip(self.levels, factors))]
+
+    @property
+    def costly_inputs(self) -> bool:
+        return any(op.costly_inputs for op in self.levels)
 
     @property
     def multiple(self) -> int:

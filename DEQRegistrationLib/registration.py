@@ -52,7 +52,14 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 @dataclass
 class Progress:
-    """What the callback sees after every solver step. Methods resample: call them sparingly."""
+    """What the callback sees after every solver step, and while MIND's descriptors are computed.
+
+    ``stage``: "alignment" (the linear stage), "features" (a similarity's
+    full-resolution features before the deformable stage: no solver step, so
+    ``step`` is the steps done so far, ``residual`` NaN and ``fraction`` how
+    far the features are, 0-1) or "deformable". Returning True from the
+    callback stops in any stage. Methods resample: call them sparingly.
+    """
 
     step: int
     max_steps: int
@@ -60,7 +67,8 @@ class Progress:
     n_levels: int
     residual: float
     seconds: float
-    stage: str = "deformable"  # "alignment" (the linear stage) or "deformable"
+    stage: str = "deformable"  # "alignment", "features" or "deformable"
+    fraction: Optional[float] = None  # the "features" stage only: how far, 0-1
     _field: Callable[[], torch.Tensor] = field(repr=False, default=None)
     _sampler: Sampler = field(repr=False, default=None)
     _moving: torch.Tensor = field(repr=False, default=None)
@@ -305,6 +313,10 @@ def run_with_cpu_fallback(run: Callable[[torch.device], object], device: torch.d
     return run(torch.device("cpu"))
 
 
+class _Stopped(Exception):
+    """The callback said stop during the "features" stage (raised out of ``level_inputs``, caught in ``run``)."""
+
+
 class _Registration:
     """One run of the pipeline on one device; ``run()`` returns the result."""
 
@@ -348,12 +360,12 @@ class _Registration:
             fixed_p, crop = pad_to_multiple(fixed_n, multiple)
             del fixed_n
             factors = [lv.factor for lv in self.plan.levels]
-            fixed_levels = self.op.level_inputs(fixed_p, factors)
+            fixed_levels = self.op.level_inputs(fixed_p, factors, self._features_hook(0))
             del fixed_p
             moving_n = normalize_intensity(self.sampler.image(self.moving_t), inplace=True)
             moving_p, _ = pad_to_multiple(moving_n, multiple)
             del moving_n
-            moving_levels = self.op.level_inputs(moving_p, factors)
+            moving_levels = self.op.level_inputs(moving_p, factors, self._features_hook(1))
             del moving_p
             weight = None
             if self.fixed_mask is not None:
@@ -369,6 +381,31 @@ class _Registration:
                                    "the masks (fixed mask and moving mask carried into the fixed grid)")
                 weight_levels = [downsample_image(weight_p, lv.factor) for lv in self.plan.levels]
         return list(zip(fixed_levels, moving_levels, weight_levels)), crop
+
+    def _features_hook(self, which: int):
+        """``level_inputs``' progress hook for the fixed (0) or moving (1) image: each half of the "features"
+        stage, reported to the callback; raises ``_Stopped`` when it says stop (None: nothing to report)."""
+        if self.callback is None or not self.op.costly_inputs:
+            return None
+
+        def hook(fraction: float):
+            if self._report_features((which + min(max(float(fraction), 0.0), 1.0)) / 2):
+                raise _Stopped()
+
+        return hook
+
+    def _report_features(self, fraction: float) -> bool:
+        step = len(self.trace)
+        total = step + self.plan.max_steps
+        progress = Progress(step, total, 0, len(self.plan.levels), float("nan"), time.perf_counter() - self.t0,
+                            "features", fraction, _field=self._aligned_field, _sampler=self.base_sampler,
+                            _moving=self.moving_t, _world_sampler=self.sampler)
+        return bool(self.callback(progress))
+
+    def _aligned_field(self) -> torch.Tensor:
+        """The transform so far (the linear alignment alone) as one field on the fixed grid."""
+        with torch.no_grad():
+            return self.sampler.composed_displacement().to(self.device)
 
     @staticmethod
     def _data_ptr(image: Image) -> int:
@@ -429,7 +466,10 @@ class _Registration:
         self.sampler = Sampler.between(self.fixed, self.moving, self.alignment.matrix)
         if self.alignment.stopped:  # cancelled during the alignment: the transform reached, no deformation
             return self._result(np.zeros((ndim, *self.fixed.shape), np.float32), False, True)
-        pyramid, self.crop = self._prepare()
+        try:
+            pyramid, self.crop = self._prepare()
+        except _Stopped:  # cancelled while MIND's descriptors were computed: the alignment reached, no deformation
+            return self._result(np.zeros((ndim, *self.fixed.shape), np.float32), False, True)
         with torch.no_grad():
             # the state: the field (+ a recurrent model's hidden state), zero on the coarsest grid
             z0 = torch.zeros(1, self.op.state_channels(ndim), *pyramid[0][0].shape[2:], device=self.device)

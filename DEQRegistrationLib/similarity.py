@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -154,9 +154,14 @@ class Similarity:
     def _fixed_state(self, fixed_features: torch.Tensor):
         return fixed_features
 
-    def level_inputs(self, image: torch.Tensor, factors) -> list:
+    #: True when ``level_inputs`` does work worth reporting (full-resolution features): register() shows it as
+    #: the "features" stage
+    costly_inputs = False
+
+    def level_inputs(self, image: torch.Tensor, factors, on_progress=None) -> list:
         """What the operator gets at each pyramid level (the full-resolution image average-pooled by each
-        factor); a similarity whose features need the full resolution computes them here."""
+        factor); a similarity whose features need the full resolution computes them here, calling
+        ``on_progress(fraction)`` as it goes (``mind_ssc_pooled``)."""
         return [downsample_image(image, int(f)) for f in factors]
 
     def _loss(self, state, warped: torch.Tensor, weight: Optional[torch.Tensor], derivative: bool,
@@ -368,7 +373,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
 
 
 def mind_ssc_pooled(image: torch.Tensor, factors, radius: int = 1, dilation: int = 2,
-                    chunk_voxels: Optional[int] = None) -> list:
+                    chunk_voxels: Optional[int] = None, on_progress: Optional[Callable[[float], None]] = None) -> list:
     """``mind_ssc`` of the image at its own resolution, average-pooled by each factor: one (B, K, *S / f) per factor.
 
     Why: the descriptor of a coarse level computed from the full-resolution
@@ -381,15 +386,21 @@ def mind_ssc_pooled(image: torch.Tensor, factors, radius: int = 1, dilation: int
     rows; a given ``chunk_voxels`` sets both sizes, as the tests do): the same numbers as whole, with the
     image mean of the variance gathered in a first pass. Every axis-0 length
     must divide by every factor (the pipeline pads to a multiple).
+    ``on_progress(fraction)`` runs after each slab of each pass (once when
+    whole): the caller reports it, and may raise to stop between slabs.
     """
     factors = [int(f) for f in factors]
+    report = on_progress if on_progress is not None else (lambda fraction: None)
     ndim = image.dim() - 2
     n0 = image.shape[2]
     whole = chunked.MIND_WHOLE_VOXELS if chunk_voxels is None else int(chunk_voxels)
     chunk = chunked.MIND_SLAB_VOXELS if chunk_voxels is None else int(chunk_voxels)
     if image[0, 0].numel() <= whole:
         full = mind_ssc(image, radius, dilation)
-        return [downsample_image(full, f) for f in factors]
+        out = [downsample_image(full, f) for f in factors]
+        del full
+        report(1.0)
+        return out
     step = math.lcm(*factors)
     rows = max(step, chunked._rows_per_slab(image.shape[2:], chunk) // step * step)
     halo = int(radius) + int(dilation)
@@ -399,17 +410,20 @@ def mind_ssc_pooled(image: torch.Tensor, factors, radius: int = 1, dilation: int
         dist, var = _mind_distances(image[:, :, lo:hi], radius, dilation)
         return dist.narrow(2, a - lo, b - a), var.narrow(2, a - lo, b - a)
 
+    slabs = list(chunked.slabs(n0, rows))
     total = torch.zeros(image.shape[0], dtype=image.dtype, device=image.device)
-    for a, b in chunked.slabs(n0, rows):
+    for i, (a, b) in enumerate(slabs):
         total += slab_distances(a, b)[1].flatten(1).sum(1)
+        report((i + 1) / (2 * len(slabs)))
     mean_var = _batch_view(total / image[0, 0].numel(), ndim)
     out = [torch.empty((image.shape[0], mind_channels(ndim)) + tuple(n // f for n in image.shape[2:]),
                        dtype=image.dtype, device=image.device) for f in factors]
-    for a, b in chunked.slabs(n0, rows):
+    for i, (a, b) in enumerate(slabs):
         dist, var = slab_distances(a, b)
         desc = _mind_normalise(dist.contiguous(), var, mean_var)
         for f, o in zip(factors, out):
             o[:, :, a // f: b // f] = downsample_image(desc, f)
+        report((len(slabs) + i + 1) / (2 * len(slabs)))
     return out
 
 
@@ -440,8 +454,10 @@ class MINDSSC(Similarity):
                              f"({mind_channels(image.dim() - 2)} channels), got {image.shape[1]} channels")
         return image
 
-    def level_inputs(self, image: torch.Tensor, factors) -> list:
-        return mind_ssc_pooled(image, factors, self.radius, self.dilation)
+    costly_inputs = True
+
+    def level_inputs(self, image: torch.Tensor, factors, on_progress=None) -> list:
+        return mind_ssc_pooled(image, factors, self.radius, self.dilation, on_progress=on_progress)
 
     def _loss(self, fixed, warped, weight, derivative, value=True):
         C = fixed.shape[1]

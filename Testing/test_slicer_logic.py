@@ -290,6 +290,35 @@ def test_cancel_from_the_solver_callback_stops_at_that_step():
     assert out2.result.steps == 2
 
 
+def test_mind_descriptors_show_as_a_stage_and_cancel_stops_there():
+    """MIND computes full-resolution descriptors before the first deformable step (a minute for a CT): the
+    status line names that stage, it adds no trace row, and Cancel there stops with the alignment kept."""
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    fixed, moving = make_pair()
+    status = []
+    logic = RegistrationLogic(statusCallback=lambda text, fraction: status.append(text))
+    out = logic.register(fixed, moving, similarity="mind", max_steps=6, refreshEvery=2)
+    shown = [t for t in status if t.startswith("Image descriptors:")]
+    assert shown and shown[-1].startswith("Image descriptors: 100%"), status
+    r = out.result
+    assert out.traceTable.GetNumberOfRows() == r.steps  # one row per solver step, none for the descriptors
+    stages = []
+
+    def callback(progress):
+        stages.append(progress.stage)
+        if progress.stage == "features":
+            logic.cancel()
+
+    out = logic.register(fixed, moving, similarity="mind", max_steps=6, callback=callback)
+    r = out.result
+    assert r.cancelled and stages.count("features") == 1 and "deformable" not in stages
+    assert r.steps == len(r.trace) == out.traceTable.GetNumberOfRows() and not np.any(r.displacement)
+    np.testing.assert_allclose(slicer.util.arrayFromGridTransform(out.transform),
+                               voxel_field_to_physical(r.total_displacement(), r.fixed_affine).transpose(2, 1, 0, 3),
+                               atol=1e-5)  # the grid transform holds the alignment reached
+    assert "Cancelled" in out.messages[-1]
+
+
 def test_cancel_from_the_main_thread_stops_within_one_step():
     """The Cancel button's path: the main thread cancels while the worker solves."""
     slicer.mrmlScene = slicer.vtkMRMLScene()

@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 TRACE_COLUMNS = ["step", "level", "residual", "seconds"]
 #: the library's stage identifiers (``Progress.stage``; a library without stages runs only the deformable one)
 #: -> the words the status line shows; an unknown identifier is shown as it is
-STAGE_LABELS = {"alignment": "Linear alignment", "deformable": "Deformable registration"}
+STAGE_LABELS = {"alignment": "Linear alignment", "features": "Image descriptors",
+                "deformable": "Deformable registration"}
 DICE_COLUMNS = ["step", "dice"]
 
 
@@ -250,6 +251,8 @@ class RegistrationRun:
                     break
                 if kind == "row":
                     self._applyRow(payload)
+                elif kind == "features":
+                    self._applyFeatures(payload)
                 elif kind == "dice":
                     self._applyDice(*payload)
                 elif kind == "fallback":
@@ -339,6 +342,11 @@ class RegistrationRun:
         self._news.set()
 
     def _onStep(self, progress) -> bool:
+        if getattr(progress, "stage", "deformable") == "features":  # no solver step: a status line, no row
+            self._post("features", dict(step=progress.step, max_steps=progress.max_steps,
+                                        fraction=progress.fraction or 0.0))
+            stop = bool(self.callback(progress)) if self.callback is not None else False
+            return stop or self._cancel.is_set()
         self.stepsDone = progress.step
         self._post("row", dict(step=progress.step, max_steps=progress.max_steps, level=progress.level,
                                n_levels=progress.n_levels, residual=progress.residual, seconds=progress.seconds,
@@ -391,6 +399,14 @@ class RegistrationRun:
         if self.cancelRequested:
             text = f"Stopping ({self.stopReason})... " + text
         self.statusCallback(text, fraction)
+
+    def _applyFeatures(self, row):
+        """The "features" stage (MIND's descriptors, before the first deformable step): the status line only."""
+        text = (f"{STAGE_LABELS['features']}: {100 * row['fraction']:.0f}%, "
+                f"{format_seconds(time.perf_counter() - self._t0)} elapsed")
+        if self.cancelRequested:
+            text = f"Stopping ({self.stopReason})... " + text
+        self.statusCallback(text, row["step"] / row["max_steps"] if row["max_steps"] else 0.0)
 
     def _applyDice(self, step, dice, initial):
         if initial:
