@@ -28,7 +28,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from .config import INIT_SIMILARITIES, INITS, PRESETS, SIMILARITIES, SOLVER_NAMES, Settings, make_settings
-from .errors import AlignmentWarning, InputError
+from .errors import AlignmentWarning, ContrastWarning, InputError
 from .image import Image
 from .io import OUTPUT_FORMATS
 from .solvers import RESIDUAL_DEFINITION
@@ -329,7 +329,8 @@ def compute_metrics(job: Job, result) -> Dict:
                device=str(result.device), cancelled=bool(getattr(result, "cancelled", False)))
     alignment = getattr(result, "alignment", None)
     out.update(affine=np.asarray(result.world).tolist(),
-               alignment=None if alignment is None else alignment.as_dict())
+               alignment=None if alignment is None else alignment.as_dict(),
+               warnings=list(getattr(result, "warnings", [])))
     out["conventions"] = {
         "dice": "per label present in both input label maps, background 0 excluded; dice_mean = nanmean",
         "dice_before": "fixed labels vs moving labels resampled into the fixed grid with identity (nearest)",
@@ -345,6 +346,8 @@ def compute_metrics(job: Job, result) -> Dict:
                   "ITK, written when the alignment stage ran); identity with --init none",
         "folding_percent_mask": "folding_percent and SDlogJ (no crop) over the fixed mask only, when one is given",
         "jacobian": "of the deformation d alone (W scales every determinant by det W, folding unchanged)",
+        "warnings": "what the run warned about, one line each (an alignment undone; intensities a linear map "
+                    "does not relate, with LNCC or MSE)",
     }
     return out
 
@@ -548,10 +551,11 @@ def cmd_register(args, progress: Optional[Callable] = None) -> int:
                  mode=getattr(args, "memory_check", "error"), warn=lambda m: print(f"{PROG}: {m}", file=sys.stderr),
                  pyramid=job.settings.pyramid, similarity=job.settings.similarity)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AlignmentWarning)  # reported below, from metrics.json, as one line
+        for category in (AlignmentWarning, ContrastWarning):  # reported below, from metrics.json, one line each
+            warnings.simplefilter("ignore", category)
         _, metrics = execute(job, out, progress=progress)
-    if (metrics.get("alignment") or {}).get("message"):
-        print(f"{PROG}: warning: {metrics['alignment']['message']}", file=sys.stderr)
+    for message in metrics.get("warnings", []):
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
     if progress is None:
         print(f"{PROG}: wrote {out} ({summary_line(metrics)})")
     return 0

@@ -17,3 +17,8 @@ class InputError(DEQRegError, ValueError):
 class AlignmentWarning(UserWarning):
     """The linear alignment went wrong and was undone (the message says what was kept); the CLI prints
     it as one ``deqreg: warning:`` line from metrics.json instead."""
+
+
+class ContrastWarning(UserWarning):
+    """The pair's intensities do not fit the similarity asked for (``contrast``); the run goes on, the
+    CLI prints it as one ``deqreg: warning:`` line."""

@@ -20,13 +20,13 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import chunked, masks
+from . import chunked, contrast, masks
 from .alignment import Aligner, Alignment, identity as identity_alignment, planned_steps
 from .checkpoint import load_operator
 from .coarse_to_fine import solve_levels
 from .config import (GRADIENT_ANDERSON_MEMORY, GRADIENT_ANDERSON_RESTART, GRADIENT_MAX_STEPS, GRADIENT_TOL,
                      ModelConfig, Settings, make_settings)
-from .errors import AlignmentWarning, InputError
+from .errors import AlignmentWarning, ContrastWarning, InputError
 from .geometry import ras_to_lps, voxel_field_to_physical
 from .image import Image
 from .levels import Level, auto_pyramid, describe_rule, plan_levels
@@ -136,6 +136,7 @@ class RegistrationResult:
     world: np.ndarray = field(default_factory=lambda: np.eye(4))  # the linear part W: fixed RAS -> moving RAS
     alignment: Optional[Alignment] = None  # how W was found (None: init none)
     fixed_mask: Optional[np.ndarray] = None  # the fixed mask on the fixed grid (bool), when one was given
+    warnings: List[str] = field(default_factory=list)  # what the user should know (alignment undone, contrast)
 
     def world_lps(self) -> np.ndarray:
         """W as ITK stores it (affine.tfm): fixed LPS -> moving LPS."""
@@ -327,6 +328,9 @@ class _Registration:
         self.fixed_mask, self.moving_mask = fixed_mask, moving_mask
         op, config = make_operator(settings, fixed.ndim)
         self.op = op.to(device)
+        # the similarity the deformable stage compares with (a trained model: the one it was trained with)
+        self.similarity = config.similarity if config is not None else settings.similarity
+        self.warnings: List[str] = []  # what the user should know about this run (``RegistrationResult.warnings``)
         self.plan = make_plan(settings, op, config, fixed.shape, fixed.spacing)
         self.align_steps = planned_steps(settings.init, fixed.shape)
         self.base_sampler = Sampler.between(fixed, moving)  # no linear part: composed fields go through it
@@ -358,12 +362,14 @@ class _Registration:
                                           else fixed_t, inplace=True)
             del fixed_t
             fixed_p, crop = pad_to_multiple(fixed_n, multiple)
+            fixed_s = contrast.subsample(fixed_n)  # a lattice for the contrast check, below
             del fixed_n
             factors = [lv.factor for lv in self.plan.levels]
             fixed_levels = self.op.level_inputs(fixed_p, factors, self._features_hook(0))
             del fixed_p
             moving_n = normalize_intensity(self.sampler.image(self.moving_t), inplace=True)
             moving_p, _ = pad_to_multiple(moving_n, multiple)
+            moving_s = contrast.subsample(moving_n)
             del moving_n
             moving_levels = self.op.level_inputs(moving_p, factors, self._features_hook(1))
             del moving_p
@@ -380,7 +386,16 @@ class _Registration:
                 masks.check_levels(weight_p, [level.factor for level in self.plan.levels],
                                    "the masks (fixed mask and moving mask carried into the fixed grid)")
                 weight_levels = [downsample_image(weight_p, lv.factor) for lv in self.plan.levels]
+            message = contrast.check(fixed_s, moving_s, None if weight is None else contrast.subsample(weight),
+                                     self.similarity)
+        if message is not None:
+            self._warn(message, ContrastWarning)
         return list(zip(fixed_levels, moving_levels, weight_levels)), crop
+
+    def _warn(self, message: str, category) -> None:
+        """A warning for the user: Python's (``warnings``) and the result's list (the CLI and Slicer show it)."""
+        self.warnings.append(message)
+        warnings.warn(message, category)
 
     def _features_hook(self, which: int):
         """``level_inputs``' progress hook for the fixed (0) or moving (1) image: each half of the "features"
@@ -457,7 +472,7 @@ class _Registration:
                           self.fixed_mask, self.moving_mask, self.device, callback=self._on_alignment_step)
         result = aligner.run()
         if result.message:
-            warnings.warn(result.message, AlignmentWarning)
+            self._warn(result.message, AlignmentWarning)
         return result
 
     def run(self) -> RegistrationResult:
@@ -525,4 +540,5 @@ class _Registration:
             world=np.asarray(self.alignment.matrix, dtype=np.float64).copy(),
             alignment=None if self.settings.init == "none" else self.alignment,
             fixed_mask=self.fixed_mask,
+            warnings=list(self.warnings),
         )

@@ -319,6 +319,25 @@ def test_mind_descriptors_show_as_a_stage_and_cancel_stops_there():
     assert "Cancelled" in out.messages[-1]
 
 
+def test_a_pair_of_other_contrasts_registered_with_lncc_is_told_so_in_the_messages():
+    """The library's warnings (here: intensities no linear map relates, LNCC asked) reach the panel's messages;
+    the same pair with MIND-SSC gets none."""
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    f = testing.blob_function(CENTRES, 5.0)
+    fixed = testing.add_sampled_volume(f, FIXED_SHAPE, FIXED_AFFINE, "fixed")
+    other = testing.add_sampled_volume(lambda p: np.abs(np.sin(2.5 * np.pi * f(p - SHIFT))), MOVING_SHAPE,
+                                       MOVING_AFFINE, "other contrast")
+    logic = RegistrationLogic()
+    # rigid: an affine stage on LNCC's own measure (NCC) shears this pair until the intensities look related,
+    # and the check, which runs after the alignment, stays silent (``contrast``'s docstring says so)
+    out = logic.register(fixed, other, similarity="lncc", init="rigid", max_steps=3)
+    warned = [m for m in out.messages if m.startswith("Warning:") and "linear map" in m]
+    assert len(warned) == 1 and "multimodal" in warned[0], out.messages
+    assert out.result.warnings and out.messages[-1].startswith("Done:")  # the summary stays last
+    out = logic.register(fixed, other, similarity="mind", init="rigid", max_steps=3)
+    assert not any("linear map" in m for m in out.messages), out.messages
+
+
 def test_cancel_from_the_main_thread_stops_within_one_step():
     """The Cancel button's path: the main thread cancels while the worker solves."""
     slicer.mrmlScene = slicer.vtkMRMLScene()

@@ -472,6 +472,9 @@ class RegistrationRun:
                    f"{device_label(r.device)}, {out.foldingPercent:.3f} % folded")
         if out.dice is not None and self.initialDice is not None:
             summary += f", Dice {self.initialDice:.3f} -> {out.dice:.3f}"
+        for warning in getattr(r, "warnings", []):  # an alignment undone, a similarity that does not fit the pair
+            self.messages.append(f"Warning: {warning}")  # before the summary: messages[-1] stays the summary
+            logger.warning(warning)
         self.messages.append(summary)
         self.statusCallback(summary, 1.0)
         logger.info(summary)
