@@ -38,6 +38,9 @@ MAX_VOXELS = 2 ** 20
 BINS = 32
 #: fewer foreground voxels than this: no verdict
 MIN_VOXELS = 1000
+#: the best curve explains less than this: nothing relates the images (noise, no overlap): no verdict on the
+#: similarity (the other contrasts measured: 0.11 and above)
+MIN_EXPLAINED = 0.05
 
 #: similarities that assume a linear intensity relation
 INTENSITY_SIMILARITIES = ("lncc", "mse")
@@ -88,7 +91,7 @@ def check(fixed: torch.Tensor, moving: torch.Tensor, weight: Optional[torch.Tens
     if share is None:
         return None
     r2, eta2 = share
-    if eta2 <= 0 or r2 >= LINEAR_SHARE_MIN * eta2:
+    if eta2 < MIN_EXPLAINED or r2 >= LINEAR_SHARE_MIN * eta2:
         return None
     return (f"the two images' intensities do not follow a linear map after the alignment (a linear map explains "
             f"{r2:.2f} of the variance, the best curve {eta2:.2f}): {similarity.upper()} assumes one; if the scans "

@@ -74,12 +74,14 @@ def similarity_gradient(z, fixed, moving, similarity="lncc", window=5, diffusion
     return g
 
 
-def make_similarity(similarity, window: int = 5) -> Similarity:
-    """A Similarity from a name ('lncc' takes ``window``) or an instance passed through."""
+def make_similarity(similarity, window: int = 5, gradient: str = "moving") -> Similarity:
+    """A Similarity from a name ('lncc' takes ``window``; ``gradient``: ``similarity.IMAGE_GRADIENTS``) or an
+    instance passed through."""
     if isinstance(similarity, Similarity):
         return similarity
     name = str(similarity).lower()
-    return get_similarity(name, window=window) if name == "lncc" else get_similarity(name)
+    kwargs = dict(window=window) if name == "lncc" else {}
+    return get_similarity(name, gradient=gradient, **kwargs)
 
 
 class UpdateOperator(nn.Module):
@@ -127,17 +129,19 @@ class GradientUpdate(UpdateOperator):
     The gradient is analytic (``similarity`` module), so the map is continuous
     in z, and zero at z = 0 when moving equals fixed. No trainable weights.
     ``weight`` (optional, (1, 1, *S) on the working grid) weighs the
-    similarity per voxel; 0 masks a voxel out.
+    similarity per voxel; 0 masks a voxel out. ``image_gradient``: where the
+    chain rule's image gradient comes from (``similarity.IMAGE_GRADIENTS``;
+    ``config.IMAGE_GRADIENTS`` has what "symmetric" measured).
     """
 
     update = "gradient"
 
     def __init__(self, step_size: float = 1.0, diffusion_weight: float = 1.0, sigma: float = 1.0, window: int = 5,
-                 similarity: str = "lncc"):
+                 similarity: str = "lncc", image_gradient: str = "moving"):
         super().__init__()
         self.step_size, self.diffusion_weight, self.sigma, self.window = step_size, diffusion_weight, sigma, window
         # one instance per operator: it keeps the prepared features of the pair being solved
-        self.sim = make_similarity(similarity, window)
+        self.sim = make_similarity(similarity, window, image_gradient)
         self.similarity = self.sim.name
 
     def level_inputs(self, image, factors, on_progress=None):

@@ -172,7 +172,8 @@ def make_operator(settings: Settings, ndim: int) -> Tuple[UpdateOperator, Option
     if settings.update == "gradient":
         op = GradientUpdate(step_size=settings.operator_value("step_size", ndim),
                             diffusion_weight=settings.operator_value("diffusion_weight", ndim),
-                            sigma=settings.sigma, window=settings.window, similarity=settings.similarity)
+                            sigma=settings.sigma, window=settings.window, similarity=settings.similarity,
+                            image_gradient=settings.image_gradient)
         return op, None
     model = "default" if settings.model is None else settings.model
     if isinstance(model, UpdateOperator):

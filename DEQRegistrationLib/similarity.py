@@ -122,7 +122,20 @@ def _coords(z: torch.Tensor) -> torch.Tensor:
     return identity_grid(z.shape[2:], z.device, z.dtype) + z
 
 
+def _inside(coords: torch.Tensor, shape) -> torch.Tensor:
+    """(B, 1, *S) 1.0 where the voxel coordinates (B, ndim, *S) lie within a grid of ``shape``, else 0."""
+    ok = None
+    for d, n in enumerate(shape):
+        c = coords[:, d:d + 1]
+        inside = (c >= 0) & (c <= n - 1)
+        ok = inside if ok is None else ok & inside
+    return ok.to(coords.dtype)
+
+
 # --- the similarities ---------------------------------------------------------------
+
+#: where the image gradient in ``value_and_gradient``'s chain rule comes from (``Similarity(gradient=...)``)
+IMAGE_GRADIENTS = ("moving", "warped", "symmetric")
 
 
 class Similarity:
@@ -137,12 +150,13 @@ class Similarity:
     name = "base"
 
     def __init__(self, gradient: str = "moving"):
-        if gradient not in ("moving", "warped"):
-            raise ValueError(f"gradient must be 'moving' or 'warped', got {gradient!r}")
-        # "moving": central differences of the moving features, sampled at x + u (classical)
+        if gradient not in IMAGE_GRADIENTS:
+            raise ValueError(f"gradient must be one of {', '.join(IMAGE_GRADIENTS)}, got {gradient!r}")
+        # "moving": central differences of the moving features, sampled at x + u (classical; the energy's gradient)
         # "warped": central differences of the warped features (cheaper; approximate where grad u is large)
+        # "symmetric": the mean of "moving" and the fixed features' own gradient (ESM, ``value_and_gradient``)
         self.gradient_source = gradient
-        self._cache = self._fixed_cache = None
+        self._cache = self._fixed_cache = self._fixed_gradient_cache = None
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -179,6 +193,16 @@ class Similarity:
         self._fixed_cache = (fixed, fixed._version, state)
         return state
 
+    def _fixed_gradient(self, fixed: torch.Tensor) -> torch.Tensor:
+        """Central differences of the fixed features (B, C * ndim, *S), kept for the last fixed image."""
+        c = self._fixed_gradient_cache
+        if c is not None and c[0] is fixed and c[1] == fixed._version:
+            return c[2]
+        with torch.no_grad():
+            grad = spatial_gradient(self.features(fixed))
+        self._fixed_gradient_cache = (fixed, fixed._version, grad)
+        return grad
+
     def prepare(self, fixed: torch.Tensor, moving: torch.Tensor):
         """(fixed state, number of feature channels, moving features [+ their gradient]); cached for the last pair."""
         c = self._cache
@@ -186,7 +210,7 @@ class Similarity:
             return (self._fixed_cached(fixed),) + c[3]
         with torch.no_grad():
             mf = self.features(moving)
-            table = torch.cat([mf, spatial_gradient(mf)], 1) if self.gradient_source == "moving" else mf
+            table = torch.cat([mf, spatial_gradient(mf)], 1) if self.gradient_source != "warped" else mf
         self._cache = (moving, moving._version, self.gradient_source, (mf.shape[1], table))
         return (self._fixed_cached(fixed), mf.shape[1], table)
 
@@ -219,14 +243,30 @@ class Similarity:
         """(value (B,), analytic gradient w.r.t. z (B, ndim, *S)); no autograd graph.
 
         ``value=False`` skips the value (None), which a solver step does not need.
+        With ``gradient="symmetric"`` the image gradient in the chain rule is
+        the mean of the moving features' (at x + u) and the fixed features'
+        (at x): the efficient second-order minimisation of Malis (2004), the
+        demons' "symmetric forces" (Vercauteren et al. 2008). Where the images
+        match the two agree, so it is still zero at a perfect match (measured:
+        ``config.IMAGE_GRADIENTS``). Outside the moving grid only the moving
+        gradient (0 there) counts, or the fixed one would push on forever.
         """
         ndim = z.shape[1]
         with torch.no_grad():
             state, C, table = self.prepare(fixed, moving)
             z = z.detach()
-            sampled = sample(table, _coords(z), padding_mode="border")
+            coords = _coords(z)
+            sampled = sample(table, coords, padding_mode="border")
             warped = sampled[:, :C]
-            grads = sampled[:, C:] if self.gradient_source == "moving" else spatial_gradient(warped)
+            if self.gradient_source == "moving":
+                grads = sampled[:, C:]
+            elif self.gradient_source == "symmetric":
+                # only where x + u is inside the moving grid: outside, the moving features are the border's
+                # (their gradient 0), and the fixed gradient alone would push on with nothing to match
+                inside = _inside(coords, moving.shape[2:])
+                grads = sampled[:, C:].addcmul_(self._fixed_gradient(fixed), inside).mul_(0.5)
+            else:
+                grads = spatial_gradient(warped)
             total, dw = self._loss(state, warped, weight, derivative=True, value=value)
             # chain rule: sum over feature channels of dL/dw_c * grad(m_c)(x + u)
             grads = grads.unflatten(1, (C, ndim))

@@ -54,6 +54,11 @@ def test_no_verdict_without_enough_voxels_or_contrast():
     flat = torch.full((1, 1, 40, 40), 0.5)
     assert contrast.linear_share(flat, torch.rand(1, 1, 40, 40)) is None
     assert contrast.check(flat, flat, None, "lncc") is None
+    # two unrelated noise images: nothing relates them, so no verdict on the similarity either
+    g = torch.Generator().manual_seed(0)
+    noise_a, noise_b = torch.rand(1, 1, 64, 64, generator=g), torch.rand(1, 1, 64, 64, generator=g)
+    assert contrast.linear_share(noise_a, noise_b)[1] < contrast.MIN_EXPLAINED
+    assert contrast.check(noise_a, noise_b, None, "lncc") is None
 
 
 def test_lattice_keeps_large_grids_small():

@@ -276,3 +276,63 @@ def test_mind_diffusion_weight_follows_the_dimension_unless_given():
     assert make_operator(given, 3)[0].diffusion_weight == pytest.approx(0.2)
     lncc = config.make_settings()
     assert make_operator(lncc, 3)[0].diffusion_weight == make_operator(lncc, 2)[0].diffusion_weight == 0.45
+
+
+# --- the symmetric image gradient (opt-in: Settings.image_gradient) ------------------------------------------
+
+
+def test_image_gradient_names_agree_with_the_config():
+    assert set(config.IMAGE_GRADIENTS) == set(S.IMAGE_GRADIENTS)
+    with pytest.raises(ValueError, match="gradient must be one of"):
+        S.LNCC(gradient="fixed")
+
+
+@pytest.mark.parametrize("name", ["lncc", "mse", "mind"])
+def test_symmetric_gradient_is_the_mean_of_moving_and_fixed_inside_and_zero_at_a_match(name):
+    """ESM: 0.5 (grad m(x + u) + grad f(x)) times the loss derivative; where x + u leaves the moving grid only the
+    moving half (0 there) counts; at a perfect match the gradient is exactly zero, as with the exact gradient."""
+    shape = (12, 14, 10)
+    fixed, moving = smooth_image(shape, 1), smooth_image(shape, 2)
+    z = 0.8 * smooth_image(shape, 3).expand(1, 3, *shape).clone()
+    z[:, 0, :3] -= 6.0  # the first rows sample outside the moving grid
+    kwargs = dict(window=5) if name == "lncc" else {}
+    moving_sim = S.get_similarity(name, gradient="moving", **kwargs)
+    sym = S.get_similarity(name, gradient="symmetric", **kwargs)
+    g_moving = moving_sim.gradient(z, fixed, moving)
+    g_sym = sym.gradient(z, fixed, moving)
+    # the fixed half, computed by hand: the loss derivative times the fixed features' gradient
+    state, C, table = sym.prepare(fixed, moving)
+    coords = S._coords(z)
+    warped = S.sample(table, coords, padding_mode="border")[:, :C]
+    _, dw = sym._loss(state, warped, None, derivative=True)
+    g_fixed = (dw.unsqueeze(2) * S.spatial_gradient(sym.features(fixed)).unflatten(1, (C, 3))).sum(1)
+    inside = S._inside(coords, shape)
+    assert 0 < float(inside.mean()) < 1
+    torch.testing.assert_close(g_sym, 0.5 * (g_moving + inside * g_fixed))
+    assert float((g_sym - g_moving).abs().max()) > 1e-6  # it is a different direction
+    zero = torch.zeros(1, 3, *shape, dtype=fixed.dtype)
+    assert float(sym.gradient(zero, fixed, fixed.clone()).abs().max()) < 1e-12
+
+
+def test_register_with_the_symmetric_gradient_recovers_a_shift_and_converges():
+    import numpy as np
+    from DEQRegistrationLib import register
+    from DEQRegistrationLib.errors import InputError
+    from DEQRegistrationLib.image import Image
+
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in (40, 44)], indexing="ij"))
+
+    def blobs(shift):
+        out = np.zeros((40, 44), np.float32)
+        for c, r in (((14, 15), 6), ((26, 28), 7), ((12, 30), 4)):
+            out += np.exp(-(((grid[0] - c[0] - shift[0]) ** 2 + (grid[1] - c[1] - shift[1]) ** 2) / (2 * r * r / 4)))
+        return out
+
+    fixed, moving = Image(blobs((0, 0)), np.eye(4)), Image(blobs((1.5, -1.0)), np.eye(4))
+    r = register(fixed, moving, image_gradient="symmetric", init="none", device="cpu")
+    assert r.converged and r.settings.image_gradient == "symmetric"
+    inner = (slice(10, 30), slice(12, 34))
+    np.testing.assert_allclose([float(np.median(r.displacement[0][inner])), float(np.median(r.displacement[1][inner]))],
+                               [1.5, -1.0], atol=0.25)
+    with pytest.raises(InputError, match="image_gradient"):
+        register(fixed, moving, image_gradient="sideways", device="cpu")
