@@ -713,7 +713,10 @@ def _summarise(pairs: List[Pair], pairs_csv: Path, out_dir: Path, state: Path, c
 def _compact(bar, pair: Pair) -> Callable:
     """Per-step progress of the pair running in this process, as the pairs bar's postfix."""
     def show(p):
-        bar.set_postfix_str(f"{pair.id} step {p.step}/{p.max_steps} residual {p.residual:.1e}", refresh=False)
+        if getattr(p, "stage", "deformable") == "features":  # MIND's descriptors: no step, no residual yet
+            bar.set_postfix_str(f"{pair.id} descriptors {100 * (p.fraction or 0):.0f}%", refresh=False)
+        else:
+            bar.set_postfix_str(f"{pair.id} step {p.step}/{p.max_steps} residual {p.residual:.1e}", refresh=False)
         bar.update(0)
     return show
 

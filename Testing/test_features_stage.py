@@ -135,3 +135,23 @@ def test_cli_progress_bar_shows_the_descriptors(tmp_path, capsys):
     assert "descriptors 100%" in err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4  # the descriptors are not counted as steps
+
+
+def test_batch_bar_shows_the_descriptors_then_steps():
+    """``deqreg batch``'s per-pair postfix: the descriptors' fraction (no NaN residual), then the steps."""
+    import io
+
+    from tqdm import tqdm
+
+    from DEQRegistrationLib.batch import Pair, _compact
+    from DEQRegistrationLib.registration import Progress
+
+    out = io.StringIO()
+    bar = tqdm(total=3, file=out, mininterval=0)
+    show = _compact(bar, Pair(row=1, line=2, id="p7", files={}))
+    show(Progress(4, 30, 0, 2, float("nan"), 1.0, "features", 0.5))
+    bar.refresh()
+    assert "p7 descriptors 50%" in out.getvalue() and "nan" not in out.getvalue()
+    show(Progress(5, 30, 0, 2, 0.01, 1.5, "deformable"))
+    bar.refresh()
+    assert "p7 step 5/30 residual 1.0e-02" in out.getvalue()
