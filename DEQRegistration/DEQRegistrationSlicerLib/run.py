@@ -467,7 +467,9 @@ class RegistrationRun:
                 else "Cancelled"
         else:
             head = "Done"
-        summary = (f"{head}: {r.steps} steps, residual {r.final_residual:.2e}, "
+        # no deformable step yet (stopped in the alignment or the descriptors): no residual to show
+        residual = f"residual {r.final_residual:.2e}, " if np.isfinite(r.final_residual) else ""
+        summary = (f"{head}: {r.steps} steps, {residual}"
                    f"{'converged' if r.converged else 'not converged'}, {format_seconds(r.seconds)} on "
                    f"{device_label(r.device)}, {out.foldingPercent:.3f} % folded")
         if out.dice is not None and self.initialDice is not None:
