@@ -59,7 +59,7 @@ from .operators import gaussian_smooth
 from .preprocess import normalize_intensity, pad_to_multiple, to_tensor
 from .sampling import Sampler
 from .solvers import solve
-from .transforms import downsample_image, sample
+from .transforms import downsample_image, inside, sample
 
 #: solver steps per stage and level (rigid and affine each), and the tolerance on the relative residual
 STEPS_PER_LEVEL = 25
@@ -366,9 +366,7 @@ class Aligner:
         warped = sample(level.moving, coords, padding_mode="zeros")
         with torch.no_grad():
             weight = level.weight
-            for a, n in enumerate(level.moving.shape[2:]):  # only where the moving image is
-                c = coords[:, a:a + 1]
-                weight = weight * ((c >= 0) & (c <= n - 1)).to(weight.dtype)
+            weight = weight * inside(coords, level.moving.shape[2:]).to(weight.dtype)  # only where the moving image is
             if level.moving_mask is not None:
                 weight = weight * sample(level.moving_mask, coords, padding_mode="zeros")
         if float(weight.sum()) < 1:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import chunked
-from .transforms import downsample_image, identity_grid, sample
+from .transforms import downsample_image, identity_grid, inside, sample
 
 # --- separable filters --------------------------------------------------------------
 
@@ -120,16 +120,6 @@ def spatial_gradient(x: torch.Tensor) -> torch.Tensor:
 
 def _coords(z: torch.Tensor) -> torch.Tensor:
     return identity_grid(z.shape[2:], z.device, z.dtype) + z
-
-
-def _inside(coords: torch.Tensor, shape) -> torch.Tensor:
-    """(B, 1, *S) 1.0 where the voxel coordinates (B, ndim, *S) lie within a grid of ``shape``, else 0."""
-    ok = None
-    for d, n in enumerate(shape):
-        c = coords[:, d:d + 1]
-        inside = (c >= 0) & (c <= n - 1)
-        ok = inside if ok is None else ok & inside
-    return ok.to(coords.dtype)
 
 
 # --- the similarities ---------------------------------------------------------------
@@ -263,8 +253,7 @@ class Similarity:
             elif self.gradient_source == "symmetric":
                 # only where x + u is inside the moving grid: outside, the moving features are the border's
                 # (their gradient 0), and the fixed gradient alone would push on with nothing to match
-                inside = _inside(coords, moving.shape[2:])
-                grads = sampled[:, C:].addcmul_(self._fixed_gradient(fixed), inside).mul_(0.5)
+                grads = sampled[:, C:].addcmul_(self._fixed_gradient(fixed), inside(coords, moving.shape[2:])).mul_(0.5)
             else:
                 grads = spatial_gradient(warped)
             total, dw = self._loss(state, warped, weight, derivative=True, value=value)

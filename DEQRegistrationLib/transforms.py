@@ -52,6 +52,16 @@ def sample(image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear",
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
+def inside(coords: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """(B, 1, *S): 1.0 where the voxel coordinates (B, ndim, *S) lie within a grid of ``shape``, else 0."""
+    ok = None
+    for d, n in enumerate(shape):
+        c = coords[:, d:d + 1]
+        within = (c >= 0) & (c <= n - 1)
+        ok = within if ok is None else ok & within
+    return ok.to(coords.dtype)
+
+
 def warp(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
     """Resample ``image`` (on the field's grid) at x + disp(x) for every voxel x."""
     coords = identity_grid(disp.shape[2:], disp.device, disp.dtype) + disp

@@ -306,7 +306,7 @@ def test_symmetric_gradient_is_the_mean_of_moving_and_fixed_inside_and_zero_at_a
     warped = S.sample(table, coords, padding_mode="border")[:, :C]
     _, dw = sym._loss(state, warped, None, derivative=True)
     g_fixed = (dw.unsqueeze(2) * S.spatial_gradient(sym.features(fixed)).unflatten(1, (C, 3))).sum(1)
-    inside = S._inside(coords, shape)
+    inside = S.inside(coords, shape)
     assert 0 < float(inside.mean()) < 1
     torch.testing.assert_close(g_sym, 0.5 * (g_moving + inside * g_fixed))
     assert float((g_sym - g_moving).abs().max()) > 1e-6  # it is a different direction
