@@ -411,17 +411,26 @@ class _Registration:
         return hook
 
     def _report_features(self, fraction: float) -> bool:
+        """The "features" stage: no step, so nothing recorded; the callback sees the linear alignment so far."""
         step = len(self.trace)
-        total = step + self.plan.max_steps
-        progress = Progress(step, total, 0, len(self.plan.levels), float("nan"), time.perf_counter() - self.t0,
-                            "features", fraction, _field=self._aligned_field, _sampler=self.base_sampler,
-                            _moving=self.moving_t, _world_sampler=self.sampler)
-        return bool(self.callback(progress))
+        return self._show(Progress(step, step + self.plan.max_steps, 0, len(self.plan.levels), float("nan"),
+                                   time.perf_counter() - self.t0, "features", fraction),
+                          self._linear_field(self.sampler), self.sampler)
 
-    def _aligned_field(self) -> torch.Tensor:
-        """The transform so far (the linear alignment alone) as one field on the fixed grid."""
-        with torch.no_grad():
-            return self.sampler.composed_displacement().to(self.device)
+    def _linear_field(self, sampler: Sampler) -> Callable[[], torch.Tensor]:
+        """A linear alignment alone (``sampler``'s W) as one field on the fixed grid, made when asked."""
+        def full_field():
+            with torch.no_grad():
+                return sampler.composed_displacement().to(self.device)
+
+        return full_field
+
+    def _show(self, progress: Progress, full_field, world_sampler: Sampler, z: Optional[torch.Tensor] = None,
+              factor: int = 1) -> bool:
+        """Give ``progress`` what its methods resample from and show it to the callback; True: stop."""
+        progress._field, progress._sampler, progress._moving = full_field, self.base_sampler, self.moving_t
+        progress._z, progress._factor, progress._world_sampler = z, factor, world_sampler
+        return bool(self.callback(progress))
 
     @staticmethod
     def _data_ptr(image: Image) -> int:
@@ -447,10 +456,8 @@ class _Registration:
         # the deformable stage's budget after the alignment's planned (then actual) steps
         done = sum(row["stage"] == "alignment" for row in self.trace)
         total = (self.align_steps if stage == "alignment" else done) + self.plan.max_steps
-        progress = Progress(step, total, level_index, n_levels, residual, seconds,
-                            stage, _field=full_field, _sampler=self.base_sampler, _moving=self.moving_t,
-                            _z=z, _factor=factor, _world_sampler=world_sampler)
-        return bool(self.callback(progress))
+        return self._show(Progress(step, total, level_index, n_levels, residual, seconds, stage),
+                          full_field, world_sampler, z, factor)
 
     def _on_step(self, level_index: int, factor: int, residual: float, z: torch.Tensor) -> bool:
         return self._report("deformable", level_index, len(self.plan.levels), residual,
@@ -459,12 +466,7 @@ class _Registration:
 
     def _on_alignment_step(self, kind: str, level_index: int, n_levels: int, residual: float, W: np.ndarray) -> bool:
         sampler = Sampler.between(self.fixed, self.moving, W)
-
-        def full_field():
-            with torch.no_grad():
-                return sampler.composed_displacement().to(self.device)
-
-        return self._report("alignment", level_index, n_levels, residual, full_field, sampler)
+        return self._report("alignment", level_index, n_levels, residual, self._linear_field(sampler), sampler)
 
     def _align(self) -> Alignment:
         if self.settings.init == "none":

@@ -345,8 +345,13 @@ class RegistrationRun:
         if getattr(progress, "stage", "deformable") == "features":  # no solver step: a status line, no row
             self._post("features", dict(step=progress.step, max_steps=progress.max_steps,
                                         fraction=progress.fraction or 0.0))
-            stop = bool(self.callback(progress)) if self.callback is not None else False
-            return stop or self._cancel.is_set()
+        else:
+            self._onSolverStep(progress)
+        stop = bool(self.callback(progress)) if self.callback is not None else False
+        return stop or self._cancel.is_set()
+
+    def _onSolverStep(self, progress):
+        """A solver step: a trace row, and every ``refreshEvery`` steps a frame (and Dice) for the scene."""
         self.stepsDone = progress.step
         self._post("row", dict(step=progress.step, max_steps=progress.max_steps, level=progress.level,
                                n_levels=progress.n_levels, residual=progress.residual, seconds=progress.seconds,
@@ -365,8 +370,6 @@ class RegistrationRun:
             if self.inputs.movingLabels is not None:
                 self._post("dice", (progress.step, metrics.mean_dice(
                     self.inputs.fixedLabels, progress.warp_labels(self.inputs.movingLabels)), False))
-        stop = bool(self.callback(progress)) if self.callback is not None else False
-        return stop or self._cancel.is_set()
 
     def _onFallback(self, message):
         with self._frameLock:
