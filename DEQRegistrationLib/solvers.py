@@ -23,6 +23,8 @@ RESIDUAL_DEFINITION = ("||f(z) - z|| / max(||f(z)||, 1e-3 sqrt(n)), per batch it
                        "batch: relative to the field, or to an RMS field of 1e-3 voxel when the field is smaller "
                        "(near the fixed point this equals ||f(z) - z|| / ||z||; unlike that form it is finite at "
                        "the zero initial field and meaningful at a zero solution, e.g. an image registered to itself)")
+#: how many restarts may damp Anderson's mixing (``anderson``'s ``restart_damping``): at most to beta / 8
+MAX_RESTART_DAMPINGS = 3
 #: the RMS field size (voxels) below which the residual is measured against this size instead of the field's
 RESIDUAL_FLOOR = 1e-3
 
@@ -95,7 +97,8 @@ def fixed_point_iteration(f, z0: torch.Tensor, max_steps: int = 48, tol: float =
 
 def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
              callback: Optional[Callback] = None, memory: int = 5, beta: float = 1.0,
-             ridge: float = 1e-4, record_at=None, restart: float = 10.0) -> SolverResult:
+             ridge: float = 1e-4, record_at=None, restart: float = 10.0,
+             restart_damping: float = 0.5) -> SolverResult:
     """Anderson acceleration (type II) with a *relative* Tikhonov term.
 
     The least-squares system H = G G^T is regularised by ridge * mean(diag(H)),
@@ -103,7 +106,12 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
     1e-4 stalls the solver (a known TorchDEQ trap). A step whose residual
     jumps above ``restart`` times the best seen restarts the history from the best
     iterate, which keeps the method safe on non-contractive early-training maps
-    (the gradient mode uses 2: ``config.GRADIENT_ANDERSON_RESTART``).
+    (the gradient mode uses 2: ``config.GRADIENT_ANDERSON_RESTART``). Each restart
+    also multiplies the mixing ``beta`` by ``restart_damping`` (down to
+    ``beta * restart_damping**MAX_RESTART_DAMPINGS``; 1 keeps it): a
+    restart means the map overshoots where it stands (an oscillating direction),
+    and the same undamped steps from the same iterate would repeat the same jump,
+    a cycle that spends the whole budget. Damping keeps the fixed points.
 
     Cost per step beyond f: the history keeps f(z) and g = f(z) - z, and
     H = G G^T is updated by one new row (memory dot products), not rebuilt.
@@ -122,6 +130,7 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
     fz = f(z)
     count = 0  # entries in the history
     best = (float("inf"), z0)
+    mix = beta  # damped on each restart
     step = 0
     for step in range(1, max_steps + 1):
         g = fz - z
@@ -130,8 +139,9 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
         if r < best[0]:
             best = (r, fz)
         elif r > restart * best[0] and count > 1:
-            # restart from the best iterate seen so far
+            # restart from the best iterate seen so far, with damped steps
             count = 0
+            mix = max(mix * restart_damping, beta * restart_damping ** MAX_RESTART_DAMPINGS)
             z = best[1]
             fz = f(z)
             g = fz - z
@@ -163,8 +173,8 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
         w = torch.where((info == 0).view(B, 1, 1) & torch.isfinite(w).all(1, keepdim=True), w, ones)
         alpha = (w / w.sum(1, keepdim=True)).transpose(1, 2)  # (B, 1, k)
         z_new = torch.bmm(alpha, Fx[:, :k]).squeeze(1)
-        if beta != 1.0:  # mix with the history's z = f(z) - g
-            z_new = z_new - (1 - beta) * torch.bmm(alpha, G[:, :k]).squeeze(1)
+        if mix != 1.0:  # mix with the history's z = f(z) - g
+            z_new = z_new - (1 - mix) * torch.bmm(alpha, G[:, :k]).squeeze(1)
         z = z_new.reshape(shape)
         fz = f(z)
     rec.finish(fz)

@@ -82,6 +82,25 @@ def test_anderson_restarts_from_the_best_iterate_when_the_residual_jumps():
     assert res.converged and torch.allclose(res.z, z_star, atol=1e-6)  # ...and recovered from
 
 
+def test_anderson_damps_its_steps_after_a_restart_so_an_overshooting_map_does_not_cycle():
+    """An oscillating map (slope -2.2 at its fixed point, with a cubic term): undamped Anderson steps from the
+    best iterate repeat the same overshoot after every restart and spend the budget (the gradient mode's
+    setting, restart 2x, memory 8). Halving the mixing on each restart breaks the cycle; what it returns is
+    a fixed point of the same map (damping changes how far the solver moves, not where the map rests)."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(1, 200, generator=g)
+
+    def f(z):
+        return c - 2.2 * (z - c) + 0.5 * (z - c) ** 3
+
+    res = anderson(f, torch.zeros_like(c), max_steps=200, tol=1e-3, memory=8, restart=2.0)
+    assert res.converged and res.steps < 100
+    fz = f(res.z)  # a fixed point of the map (it has three per component: z - c = 0 or +-sqrt(6.4))
+    assert float((fz - res.z).norm() / fz.norm()) < 2e-3
+    undamped = anderson(f, torch.zeros_like(c), max_steps=200, tol=1e-3, memory=8, restart=2.0, restart_damping=1.0)
+    assert not undamped.converged and undamped.steps == 200  # restarts alone: the same jumps, the whole budget
+
+
 def test_anderson_falls_back_to_the_history_mean_when_the_system_is_singular(monkeypatch):
     """If the least-squares solve fails, the step uses equal weights (the mean of the history)."""
     f, z_star = contraction(rho=0.5, batch=1)
