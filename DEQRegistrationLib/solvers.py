@@ -23,7 +23,7 @@ RESIDUAL_DEFINITION = ("||f(z) - z|| / max(||f(z)||, 1e-3 sqrt(n)), per batch it
                        "batch: relative to the field, or to an RMS field of 1e-3 voxel when the field is smaller "
                        "(near the fixed point this equals ||f(z) - z|| / ||z||; unlike that form it is finite at "
                        "the zero initial field and meaningful at a zero solution, e.g. an image registered to itself)")
-#: how many restarts may damp Anderson's mixing (``anderson``'s ``restart_damping``): at most to beta / 8
+#: how many repeated restarts may damp Anderson's mixing (``anderson``'s ``restart_damping``): at most to beta / 8
 MAX_RESTART_DAMPINGS = 3
 #: the RMS field size (voxels) below which the residual is measured against this size instead of the field's
 RESIDUAL_FLOOR = 1e-3
@@ -106,12 +106,13 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
     1e-4 stalls the solver (a known TorchDEQ trap). A step whose residual
     jumps above ``restart`` times the best seen restarts the history from the best
     iterate, which keeps the method safe on non-contractive early-training maps
-    (the gradient mode uses 2: ``config.GRADIENT_ANDERSON_RESTART``). Each restart
-    also multiplies the mixing ``beta`` by ``restart_damping`` (down to
-    ``beta * restart_damping**MAX_RESTART_DAMPINGS``; 1 keeps it): a
-    restart means the map overshoots where it stands (an oscillating direction),
-    and the same undamped steps from the same iterate would repeat the same jump,
-    a cycle that spends the whole budget. Damping keeps the fixed points.
+    (the gradient mode uses 2: ``config.GRADIENT_ANDERSON_RESTART``). A restart
+    from the *same* best iterate as the previous one (nothing better was found in
+    between) means the undamped steps from there repeat the same jump, a cycle
+    that would spend the whole budget: it multiplies the mixing ``beta`` by
+    ``restart_damping`` from then on (at most ``MAX_RESTART_DAMPINGS`` times; 1
+    keeps it). A first restart from a new best keeps the step: it often is what
+    gets a stalled solve moving again. Damping keeps the fixed points.
 
     Cost per step beyond f: the history keeps f(z) and g = f(z) - z, and
     H = G G^T is updated by one new row (memory dot products), not rebuilt.
@@ -130,7 +131,8 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
     fz = f(z)
     count = 0  # entries in the history
     best = (float("inf"), z0)
-    mix = beta  # damped on each restart
+    mix = beta  # damped when a restart repeats (below)
+    restarted_from = None
     step = 0
     for step in range(1, max_steps + 1):
         g = fz - z
@@ -139,9 +141,11 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
         if r < best[0]:
             best = (r, fz)
         elif r > restart * best[0] and count > 1:
-            # restart from the best iterate seen so far, with damped steps
+            # restart from the best iterate seen so far; damped if it restarted from there before
             count = 0
-            mix = max(mix * restart_damping, beta * restart_damping ** MAX_RESTART_DAMPINGS)
+            if restarted_from is best[1]:
+                mix = max(mix * restart_damping, beta * restart_damping ** MAX_RESTART_DAMPINGS)
+            restarted_from = best[1]
             z = best[1]
             fz = f(z)
             g = fz - z
