@@ -279,7 +279,12 @@ def test_faithful_configuration_trains_on_a_small_3d_volume(tmp_path):
     init = build_operator(cfg).state_dict()
     assert any(not torch.equal(ck["state_dict"][k], init[k]) for k in init)
     rows = (out / "log.csv").read_text().strip().splitlines()[1:]
-    assert len(rows) == 2 and all(np.isfinite(float(r.split(",")[1])) and r.split(",")[4] == "48" for r in rows)
+    assert len(rows) == 2 and all(np.isfinite(float(r.split(",")[1])) for r in rows)
+    # solver steps per row: at most T = 48; the freshly initialised network's output can be so small that the
+    # solve meets the tolerance at once (its field is under the residual's 0.01-voxel floor), after one update
+    # it runs the whole T
+    steps = [int(r.split(",")[4]) for r in rows]
+    assert all(1 <= s <= 48 for s in steps) and steps[-1] == 48, steps
 
 
 def _labelled_folder(root, n=4, shape=(32, 40)):
