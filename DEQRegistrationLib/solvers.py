@@ -23,14 +23,14 @@ RESIDUAL_DEFINITION = ("||f(z) - z|| / max(||f(z)||, 1e-2 sqrt(n)), per batch it
                        "batch: relative to the field, or to an RMS field of 0.01 voxel when the field is smaller "
                        "(near the fixed point this equals ||f(z) - z|| / ||z||; unlike that form it is finite at "
                        "the zero initial field and meaningful at a zero solution, e.g. an image registered to itself)")
-#: how many repeated restarts may damp Anderson's mixing (``anderson``'s ``restart_damping``): at most to beta / 8
-MAX_RESTART_DAMPINGS = 3
 #: the RMS field size (voxels) below which the residual is measured against this size instead of the field's.
 #: At the tolerance 1e-3 it asks a near-zero field to move by less than 1e-5 voxel RMS per step: about what float32
 #: sampling coordinates resolve on a few-hundred-voxel grid (6e-8 x 128 ~ 1e-5). The former 1e-3 asked for 1e-6
 #: voxel, below that resolution: a slice registered to a shifted copy of itself (the alignment takes the shift,
 #: the deformable field stays under 0.015 voxel) wandered at 1.2-1.5e-3 for its whole budget of 200 steps.
 RESIDUAL_FLOOR = 1e-2
+#: how many repeated restarts may damp Anderson's mixing (``anderson``'s ``restart_damping``): at most to beta / 8
+MAX_RESTART_DAMPINGS = 3
 
 
 @dataclass
@@ -115,8 +115,9 @@ def anderson(f, z0: torch.Tensor, max_steps: int = 48, tol: float = 1e-3,
     between) means the undamped steps from there repeat the same jump, a cycle
     that would spend the whole budget: it multiplies the mixing ``beta`` by
     ``restart_damping`` from then on (at most ``MAX_RESTART_DAMPINGS`` times; 1
-    keeps it). A first restart from a new best keeps the step: it often is what
-    gets a stalled solve moving again. Damping keeps the fixed points.
+    keeps it). A first restart from a new best keeps the step: on the contrast-
+    changed 2D pair of ``Testing/test_multimodal.py`` it is what gets a stalled
+    solve moving again. Damping keeps the fixed points.
 
     Cost per step beyond f: the history keeps f(z) and g = f(z) - z, and
     H = G G^T is updated by one new row (memory dot products), not rebuilt.
