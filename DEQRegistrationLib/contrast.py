@@ -82,10 +82,15 @@ def linear_share(fixed: torch.Tensor, moving: torch.Tensor, weight: Optional[tor
     return r2, max(_explained(x, y), _explained(y, x))
 
 
+def applies(similarity: str) -> bool:
+    """Whether ``check`` looks at pairs compared with ``similarity`` (those assuming a linear relation)."""
+    return similarity in INTENSITY_SIMILARITIES
+
+
 def check(fixed: torch.Tensor, moving: torch.Tensor, weight: Optional[torch.Tensor], similarity: str
           ) -> Optional[str]:
     """The warning to give (None: none) when ``similarity`` assumes a linear relation the pair does not show."""
-    if similarity not in INTENSITY_SIMILARITIES:
+    if not applies(similarity):
         return None
     share = linear_share(fixed, moving, weight)
     if share is None:

@@ -363,14 +363,15 @@ class _Registration:
                                           else fixed_t, inplace=True)
             del fixed_t
             fixed_p, crop = pad_to_multiple(fixed_n, multiple)
-            fixed_s = contrast.subsample(fixed_n)  # a lattice for the contrast check, below
+            checked = contrast.applies(self.similarity)
+            fixed_s = contrast.subsample(fixed_n) if checked else None  # a lattice for the contrast check, below
             del fixed_n
             factors = [lv.factor for lv in self.plan.levels]
             fixed_levels = self.op.level_inputs(fixed_p, factors, self._features_hook(0))
             del fixed_p
             moving_n = normalize_intensity(self.sampler.image(self.moving_t), inplace=True)
             moving_p, _ = pad_to_multiple(moving_n, multiple)
-            moving_s = contrast.subsample(moving_n)
+            moving_s = contrast.subsample(moving_n) if checked else None
             del moving_n
             moving_levels = self.op.level_inputs(moving_p, factors, self._features_hook(1))
             del moving_p
@@ -387,8 +388,8 @@ class _Registration:
                 masks.check_levels(weight_p, [level.factor for level in self.plan.levels],
                                    "the masks (fixed mask and moving mask carried into the fixed grid)")
                 weight_levels = [downsample_image(weight_p, lv.factor) for lv in self.plan.levels]
-            message = contrast.check(fixed_s, moving_s, None if weight is None else contrast.subsample(weight),
-                                     self.similarity)
+            message = None if not checked else contrast.check(
+                fixed_s, moving_s, None if weight is None else contrast.subsample(weight), self.similarity)
         if message is not None:
             self._warn(message, ContrastWarning)
         return list(zip(fixed_levels, moving_levels, weight_levels)), crop
