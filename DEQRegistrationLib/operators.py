@@ -162,7 +162,7 @@ class FeatureGradientUpdate(GradientUpdate):
     + d * diffusion(z)), SSD = sum over voxels of the mean over phi's K channels of the squared difference.
     phi (``net``, ``networks.FeatureNet``) is one CNN applied to each image of the level (siamese); the moving
     image's features are computed once and sampled at x + z, as MIND's descriptors are. beta and
-    d = diffusion_weight * exp(log_diffusion_scale) are trainable scalars; with beta = 0 (the default start)
+    d = diffusion_weight * exp(log_diffusion_scale) are trainable scalars; with beta = 0 (its start)
     the operator *is* ``GradientUpdate`` with the same step, diffusion weight, sigma and window, so training
     starts from the weight-free method. beta is stored in units of ``beta_unit``: features of order 1 need
     beta of order 1-10 to weigh as much as LNCC, which optimiser steps of 1e-2 on a raw beta would take
@@ -177,11 +177,11 @@ class FeatureGradientUpdate(GradientUpdate):
     beta_unit = 10.0
 
     def __init__(self, net: nn.Module, step_size: float = 0.5, diffusion_weight: float = 0.45, sigma: float = 1.5,
-                 window: int = 5, similarity: str = "lncc", beta: float = 0.0):
+                 window: int = 5, similarity: str = "lncc"):
         super().__init__(step_size=step_size, diffusion_weight=diffusion_weight, sigma=sigma, window=window,
                          similarity=similarity)
         self.net = net
-        self.beta = nn.Parameter(torch.tensor(float(beta) / self.beta_unit))
+        self.beta = nn.Parameter(torch.zeros(()))  # in units of beta_unit
         self.log_diffusion_scale = nn.Parameter(torch.zeros(()))
         self._cache = None
 
