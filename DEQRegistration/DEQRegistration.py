@@ -79,6 +79,7 @@ def choiceLabels():
         "gradient": _("Gradient (no weights)"),
         "learned": _("Learned (trained network)"),
         "hybrid": _("Hybrid (gradient + network)"),
+        "features": _("Gradient + learned feature similarity"),
         "auto": _("Automatic"),
         "anderson": _("Anderson acceleration"),
         "fixed-point": _("Fixed-point iteration"),
@@ -191,7 +192,7 @@ def registerProblem(p):
             return _("No shipped model for {ndim}D images: use the gradient update or a checkpoint file.").format(
                 ndim=ndim)
         if p.get("Model") == "file" and not os.path.isfile(p.get("ModelPath")):
-            return _("Choose a checkpoint file for the learned or hybrid update.")
+            return _("Choose a checkpoint file for the learned, hybrid or features update.")
     return None
 
 

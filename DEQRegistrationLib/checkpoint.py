@@ -19,8 +19,9 @@ import torch
 
 from .config import CONFIG_VERSION, ModelConfig
 from .errors import InputError
-from .networks import ConvNet, UNet
-from .operators import HybridUpdate, LearnedUpdate, LevelStack, RecurrentUpdate, UpdateOperator
+from .networks import ConvNet, FeatureNet, UNet
+from .operators import (FeatureGradientUpdate, HybridUpdate, LearnedUpdate, LevelStack, RecurrentUpdate,
+                        UpdateOperator)
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
@@ -30,12 +31,15 @@ def default_model_path(ndim: int) -> Path:
 
 
 def _one_operator(config: ModelConfig) -> UpdateOperator:
-    net = (UNet if config.network == "unet" else ConvNet)(**config.unet)
+    net = {"unet": UNet, "cnn": ConvNet, "features": FeatureNet}[config.network](**config.unet)
     if config.update == "learned" and config.recurrent_hidden:
         return RecurrentUpdate(net, hidden=config.recurrent_hidden, window=config.window, similarity=config.similarity,
                                scale=config.scale, second_order=config.second_order)
     if config.update == "learned":
         return LearnedUpdate(net, scale=config.scale)
+    if config.update == "features":  # beta and the diffusion scale are weights (the state dict's)
+        return FeatureGradientUpdate(net, step_size=config.tau, diffusion_weight=config.diffusion_weight,
+                                     sigma=config.sigma, window=config.window, similarity=config.similarity)
     return HybridUpdate(net, tau=config.tau, sigma=config.sigma, window=config.window, similarity=config.similarity,
                         scale=config.scale, diffusion_weight=config.diffusion_weight,
                         second_order=config.second_order)

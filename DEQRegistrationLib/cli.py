@@ -27,7 +27,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from .config import INIT_SIMILARITIES, INITS, PRESETS, SIMILARITIES, SOLVER_NAMES, Settings, make_settings
+from .config import INIT_SIMILARITIES, INITS, PRESETS, SIMILARITIES, SOLVER_NAMES, UPDATES, Settings, make_settings
 from .errors import AlignmentWarning, ContrastWarning, InputError
 from .image import Image
 from .io import OUTPUT_FORMATS
@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--model", default=None,
                      help="'none' (no weights, gradient update), 'default' (shipped weights) or a .pt path "
                           f"(default: {DEFAULT_MODEL})")
-    reg.add_argument("--update", choices=("learned", "gradient", "hybrid"), default=None,
-                     help="update rule (default: learned with a model, gradient without)")
+    reg.add_argument("--update", choices=UPDATES, default=None,
+                     help="update rule (default: the model's own with a model, gradient without)")
     reg.add_argument("--solver", choices=SOLVER_NAMES, default=None,
                      help="root solver (default: anderson for the gradient update, a model's own otherwise)")
     reg.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",

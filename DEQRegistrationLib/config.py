@@ -10,7 +10,7 @@
   them.
 
 Names used throughout (each means one thing):
-``update`` the kind of operator (learned | gradient | hybrid); ``method`` the
+``update`` the kind of operator (learned | gradient | hybrid | features); ``method`` the
 training method that produced a model (deqreg, voxelmorph, ...);
 ``pyramid`` the downsampling factors of the fixed grid the solver runs on,
 coarse to fine; ``level_weights`` how the step budget is split over them;
@@ -26,8 +26,8 @@ from typing import Any, List, Optional, Sequence
 
 from .errors import InputError
 
-UPDATES = ("learned", "gradient", "hybrid")
-MODEL_UPDATES = ("learned", "hybrid")
+UPDATES = ("learned", "gradient", "hybrid", "features")
+MODEL_UPDATES = ("learned", "hybrid", "features")
 SOLVER_NAMES = ("anderson", "fixed-point")
 SIMILARITIES = ("lncc", "mse", "mind")  # similarity.SIMILARITIES (a test keeps them equal)
 #: the similarity step's image gradient (similarity.IMAGE_GRADIENTS, a test keeps them equal): "moving" (the
@@ -57,7 +57,7 @@ PRESETS = {
                           "then MIND-SSC",
                     settings=dict(init="rigid", init_similarity="ncc", similarity="mind")),
 }
-NETWORKS = ("unet", "cnn")
+NETWORKS = ("unet", "cnn", "features")
 CONFIG_VERSION = 2
 
 
@@ -124,23 +124,23 @@ class TrainingRecord:
 class ModelConfig:
     """Everything needed to rebuild and run a trained update operator."""
 
-    update: str                       # learned | hybrid
+    update: str                       # learned | hybrid | features
     ndim: int
-    unet: dict                        # the network's constructor arguments (networks.UNet, or ConvNet)
+    unet: dict                        # the network's constructor arguments (networks.UNet, ConvNet or FeatureNet)
     pyramid: List[int] = field(default_factory=lambda: [1])
     level_weights: Optional[List[float]] = None   # None: equal split
     solver: str = "fixed-point"       # the solver it was trained with and runs with
     max_steps: int = 48               # inference budget over all levels
     tol: float = 1e-3                 # inference tolerance on the relative residual
     scale: float = 1.0                # multiplies the network's output
-    similarity: str = "lncc"          # the similarity it was trained with (hybrid: also its gradient step)
+    similarity: str = "lncc"          # the similarity it was trained with (hybrid, features: also its gradient step)
     window: int = 5
-    tau: float = 1.0                  # hybrid: initial descent step (trainable)
-    sigma: float = 1.0                # hybrid: Gaussian preconditioner
-    diffusion_weight: float = 0.0     # hybrid: diffusion term inside the operator's gradient step
+    tau: float = 1.0                  # hybrid: initial descent step (trainable); features: the (fixed) step
+    sigma: float = 1.0                # hybrid, features: Gaussian preconditioner
+    diffusion_weight: float = 0.0     # hybrid, features: diffusion term inside the operator's gradient step
     method: str = "deqreg"            # deqreg | voxelmorph | unroll | riir | gradirn
     trained_steps: Optional[int] = None
-    network: str = "unet"             # the class ``unet`` holds the arguments of: unet | cnn (GraDIRN's)
+    network: str = "unet"             # the class ``unet`` holds the arguments of: unet | cnn (GraDIRN's) | features
     per_level_networks: bool = False  # one operator (network, tau) per pyramid level (GraDIRN, unroll)
     recurrent_hidden: int = 0         # RIIR: hidden-state channels carried beside the field (0: none)
     second_order: bool = False        # hybrid/RIIR: training differentiates through the similarity gradient
@@ -247,8 +247,8 @@ def _from_version_1(old: dict) -> dict:
 class Settings:
     """What ``register()`` does. ``None`` means "the mode's own default" (see ``resolve``)."""
 
-    update: str = "gradient"          # learned | gradient | hybrid
-    model: Any = None                 # learned/hybrid: "default", a checkpoint path or an UpdateOperator
+    update: str = "gradient"          # gradient | learned (any trained model, as it was trained) | hybrid | features
+    model: Any = None                 # not gradient: "default", a checkpoint path or an UpdateOperator
     solver: Optional[str] = None      # anderson | fixed-point (gradient: anderson; a model: its own)
     max_steps: Optional[int] = None   # total over all levels (gradient: 200; a model: its own)
     tol: Optional[float] = None       # on the relative residual (see solvers.py)
@@ -272,8 +272,8 @@ class Settings:
         if self.update not in UPDATES:
             raise InputError(f"unknown update {self.update!r}; choose one of {', '.join(UPDATES)}")
         if self.update == "gradient" and not _no_model(self.model):
-            raise InputError("a model is used by the learned and hybrid updates; the gradient update has no weights "
-                             "(give update='learned' or 'hybrid', or no model)")
+            raise InputError("a model is used by the learned, hybrid and features updates; the gradient update has no "
+                             "weights (give update='learned', or no model)")
         if self.solver is not None:
             _check_solver(self.solver)
         if self.max_steps is not None and (not float(self.max_steps).is_integer() or int(self.max_steps) < 1):

@@ -104,6 +104,49 @@ class ConvNet(nn.Module):
         return self.head(self.body(x))
 
 
+class FeatureNet(nn.Module):
+    """phi, the ``features`` update's siamese feature CNN (a learned similarity, as MIND is a fixed one).
+
+    ``layers`` 3^ndim convolutions of ``channels`` (leaky ReLU 0.2 between them; the i-th dilated by
+    ``dilations[i]``, replicate padding), the last to ``out_channels`` features, then ``activation``: "none" or
+    "softmax" over the channels (a phi pretrained as a segmentation network; ``logits`` gives the values before
+    it). Full resolution, so that features stay aligned with the image they are sampled from. The head starts
+    as ``normal(0, final_init)``, not near zero: the features' weight in the operator (beta, starting at 0) then
+    gets a gradient from the first training step.
+    """
+
+    def __init__(self, ndim: int, in_channels: int = 1, out_channels: int = 4, layers: int = 4, channels: int = 16,
+                 final_init: float = 1.0, activation: str = "none", dilations=None):
+        super().__init__()
+        if layers < 2:
+            raise ValueError("a FeatureNet needs at least 2 layers")
+        if activation not in ("none", "softmax"):
+            raise ValueError(f"activation must be none or softmax, got {activation!r}")
+        dil = [1] * layers if dilations is None else [int(d) for d in dilations]
+        if len(dil) != layers:
+            raise ValueError("dilations needs one entry per layer")
+        self.ndim = ndim
+        self.config = dict(ndim=ndim, in_channels=in_channels, out_channels=out_channels, layers=layers,
+                           channels=channels, final_init=final_init, activation=activation, dilations=dil)
+        conv = _conv(ndim)
+        self.body = nn.ModuleList([conv(in_channels if i == 0 else channels, channels, 3, padding=dil[i],
+                                        dilation=dil[i], padding_mode="replicate") for i in range(layers - 1)])
+        self.head = conv(channels, out_channels, 3, padding=dil[-1], dilation=dil[-1], padding_mode="replicate")
+        nn.init.normal_(self.head.weight, 0.0, final_init)
+        nn.init.zeros_(self.head.bias)
+
+    multiple = 1
+
+    def logits(self, x):
+        for c in self.body:
+            x = F.leaky_relu(c(x), 0.2)
+        return self.head(x)
+
+    def forward(self, x):
+        y = self.logits(x)
+        return torch.softmax(y, 1) if self.config["activation"] == "softmax" else y
+
+
 def build_network(spec: dict) -> nn.Module:
     """A network from its config: U-Net kwargs, or ``{"kind": "cnn", ...}`` for ConvNet."""
     spec = dict(spec)

@@ -12,6 +12,9 @@ so it does not know which operator it runs.
 * ``HybridUpdate``: GraDIRN-style, z - tau * grad(similarity) + U(...). With
   ``diffusion_weight`` > 0 and a zero network output it *is* ``GradientUpdate``,
   so a model can start from the classical method and learn corrections to it.
+* ``FeatureGradientUpdate``: ``GradientUpdate``'s step on LNCC + beta * SSD of learned features (a small
+  siamese CNN applied to each image: a learned MIND). With beta at 0 (its initialisation) it *is*
+  ``GradientUpdate``, and its fixed points stay the stationary points of a classical energy.
 * ``RecurrentUpdate``: RIIR, a recurrent inference machine: the network sees
   the similarity gradient and a hidden state that the state tensor carries
   beside the field (z = [field, hidden]); ``state_channels`` says how many.
@@ -27,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import losses
-from .similarity import Similarity, get_similarity
-from .transforms import downsample_image, warp
+from .similarity import Similarity, _coords, get_similarity, spatial_gradient
+from .transforms import downsample_image, sample, warp
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -91,7 +94,7 @@ class UpdateOperator(nn.Module):
     hidden state (``state_channels(ndim) > ndim``) keeps it in the rest.
     """
 
-    update = "base"  # the update rule's name: learned | gradient | hybrid
+    update = "base"  # the update rule's name: learned | gradient | hybrid | features
 
     def state_channels(self, ndim: int) -> int:
         return ndim
@@ -149,6 +152,75 @@ class GradientUpdate(UpdateOperator):
 
     def forward(self, z, fixed, moving, weight=None):
         g = similarity_gradient(z, fixed, moving, self.sim, self.window, self.diffusion_weight, weight=weight)
+        return z - self.step_size * gaussian_smooth(g, self.sigma)
+
+
+class FeatureGradientUpdate(GradientUpdate):
+    """Gradient mode with a learned feature similarity (issue 13, seventh attempt).
+
+    z - step_size * G_sigma * grad(LNCC(fixed, moving o z) + beta * SSD(phi(fixed), phi(moving) o z)
+    + d * diffusion(z)), SSD = sum over voxels of the mean over phi's K channels of the squared difference.
+    phi (``net``, ``networks.FeatureNet``) is one CNN applied to each image of the level (siamese); the moving
+    image's features are computed once and sampled at x + z, as MIND's descriptors are. beta and
+    d = diffusion_weight * exp(log_diffusion_scale) are trainable scalars; with beta = 0 (its start)
+    the operator *is* ``GradientUpdate`` with the same step, diffusion weight, sigma and window, so training
+    starts from the weight-free method. beta is stored in units of ``beta_unit``: features of order 1 need
+    beta of order 1-10 to weigh as much as LNCC, which optimiser steps of 1e-2 on a raw beta would take
+    hundreds of steps to reach.
+
+    The feature term's gradient is analytic (residual times the central differences of phi(moving), sampled
+    at x + z). The sampling points carry no graph (no second derivatives through grid_sample); in training the
+    graph runs to beta and, through the sampled features and their differences, to phi's weights.
+    """
+
+    update = "features"
+    beta_unit = 10.0
+
+    def __init__(self, net: nn.Module, step_size: float = 0.5, diffusion_weight: float = 0.45, sigma: float = 1.5,
+                 window: int = 5, similarity: str = "lncc"):
+        super().__init__(step_size=step_size, diffusion_weight=diffusion_weight, sigma=sigma, window=window,
+                         similarity=similarity)
+        self.net = net
+        self.beta = nn.Parameter(torch.zeros(()))  # in units of beta_unit
+        self.log_diffusion_scale = nn.Parameter(torch.zeros(()))
+        self._cache = None
+
+    def features(self, fixed: torch.Tensor, moving: torch.Tensor):
+        """(phi(fixed) (B, K, *S), [phi(moving), its central differences] (B, K + K ndim, *S)).
+
+        Without a graph, kept for the last (fixed, moving, weights): a solve calls this every step."""
+        grad = torch.is_grad_enabled()
+        key = None
+        if not grad:
+            key = (fixed._version, moving._version, tuple(p._version for p in self.net.parameters()))
+            c = self._cache
+            if c is not None and c[0] is fixed and c[1] is moving and c[2] == key:
+                return c[3]
+        both = self.net(torch.cat([fixed, moving], 0))  # one pass over the two images, same weights
+        pf, pm = both[: fixed.shape[0]], both[fixed.shape[0]:]
+        out = (pf, torch.cat([pm, spatial_gradient(pm)], 1))
+        if not grad:
+            self._cache = (fixed, moving, key, out)
+        return out
+
+    def feature_gradient(self, z, fixed, moving, weight=None):
+        """d/dz of SSD(phi(fixed), phi(moving) o z), analytic (the sampling points carry no graph)."""
+        pf, table = self.features(fixed, moving)
+        K, ndim = pf.shape[1], z.shape[1]
+        sampled = sample(table, _coords(z.detach()), padding_mode="border")
+        diff = sampled[:, :K] - pf
+        if weight is not None:
+            diff = diff * weight
+        return (2.0 / K) * (diff.unsqueeze(2) * sampled[:, K:].unflatten(1, (K, ndim))).sum(1)
+
+    def forward(self, z, fixed, moving, weight=None):
+        training = torch.is_grad_enabled()
+        g = self.sim.gradient(z, fixed, moving, weight)
+        if training or float(self.beta) != 0.0:
+            g = g + (self.beta_unit * self.beta) * self.feature_gradient(z, fixed, moving, weight)
+        if self.diffusion_weight:
+            d = self.diffusion_weight * self.log_diffusion_scale.exp()
+            g = g + d * losses.diffusion_gradient(z if training else z.detach())
         return z - self.step_size * gaussian_smooth(g, self.sigma)
 
 

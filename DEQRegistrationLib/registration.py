@@ -182,7 +182,8 @@ def make_operator(settings: Settings, ndim: int) -> Tuple[UpdateOperator, Option
             raise InputError(f"the model is for {config.ndim}D images, the input is {ndim}D")
     else:
         op, config = load_operator(str(model), ndim)
-    if op.update != settings.update:
+    # "learned": whatever trained model is given, run as it was trained (the shipped one is a features model)
+    if settings.update not in ("learned", op.update):
         raise InputError(f"update {settings.update!r} does not match the model, which is {op.update!r}")
     return op, config
 
@@ -242,7 +243,8 @@ def make_plan(settings: Settings, op: UpdateOperator, config: Optional[ModelConf
         raise InputError(f"level_weights has {len(weights)} entries but the pyramid {pyramid} has {len(pyramid)}")
     levels = plan_levels(pyramid, int(pick("max_steps")), weights)
     solver = pick("solver")
-    gradient_anderson = settings.update == "gradient" and solver == "anderson"
+    # the features update is gradient mode's step plus a learned term: it runs with gradient mode's Anderson
+    gradient_anderson = op.update in ("gradient", "features") and solver == "anderson"
     options = dict(memory=GRADIENT_ANDERSON_MEMORY, restart=GRADIENT_ANDERSON_RESTART) if gradient_anderson else {}
     grid = None
     if spacing is not None:

@@ -36,7 +36,8 @@ import torch.nn as nn
 
 from DEQRegistrationLib import losses
 from DEQRegistrationLib.checkpoint import build_operator
-from DEQRegistrationLib.config import ModelConfig, TrainingRecord
+from DEQRegistrationLib.config import (GRADIENT_ANDERSON_MEMORY, GRADIENT_ANDERSON_RESTART, ModelConfig,
+                                       TrainingRecord)
 from DEQRegistrationLib.deq import DEQ, equal_interval_steps, state_weights, unroll
 from DEQRegistrationLib.coarse_to_fine import solve_levels
 from DEQRegistrationLib.levels import Level, split_budget
@@ -53,8 +54,9 @@ def make_config(method: str, ndim: int, enc=(16, 32, 32), dec=(32, 32, 16), fact
                 max_steps: int = 48, unroll_steps: int = 6, levels=(4, 2, 1), repeats: int = 3,
                 final_init: float = 1e-5, update: str = "learned", diffusion_weight: float = 0.0,
                 tau: Optional[float] = None, sigma: Optional[float] = None, pyramid=None, solver: str = "fixed-point",
-                net: Optional[str] = None, cnn_layers: int = 5, cnn_channels: int = 32, hidden: int = 8,
-                **training) -> ModelConfig:
+                net: Optional[str] = None, cnn_layers: Optional[int] = None, cnn_channels: Optional[int] = None,
+                hidden: int = 8, feature_channels: int = 4, feature_activation: str = "none", feature_dilations=None,
+                feature_init: float = 1.0, **training) -> ModelConfig:
     """The model's config (``ModelConfig``): what register() and this trainer rebuild the model from.
 
     ``factor`` is the working grid the network trains on (the fixed grid
@@ -65,16 +67,27 @@ def make_config(method: str, ndim: int, enc=(16, 32, 32), dec=(32, 32, 16), fact
     (deqreg only) solves z = z - tau G_sigma grad(LNCC + diffusion_weight
     diffusion) + U(...) as a DEQ: with ``diffusion_weight`` equal to gradient
     mode's and a zero-initialised head it starts *as* gradient mode.
+    ``update="features"`` (deqreg only): gradient mode's operator (step ``tau``, default 0.5; ``sigma`` 1.5)
+    + beta x SSD of learned features phi, a ``cnn_layers`` x ``cnn_channels`` ``FeatureNet`` (default 4 x 16;
+    ``feature_channels`` K outputs, then ``feature_activation``), beta starting at 0: it starts *as*
+    gradient mode. ``cnn_layers`` x ``cnn_channels`` default to 5 x 32 for the cnn net.
     ``pyramid`` (coarse to fine) is what register() runs for the other
     methods; default: the training grid alone. ``training`` holds
     ``TrainingRecord`` fields.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if update not in ("learned", "hybrid"):
-        raise ValueError(f"unknown update {update!r}; choose learned or hybrid")
-    if update == "hybrid" and method != "deqreg":
-        raise ValueError("--update hybrid is for --method deqreg (gradirn is always hybrid)")
+    if update not in ("learned", "hybrid", "features"):
+        raise ValueError(f"unknown update {update!r}; choose learned, hybrid or features")
+    if update in ("hybrid", "features") and method != "deqreg":
+        raise ValueError(f"--update {update} is for --method deqreg (gradirn is always hybrid)")
+    feats = update == "features"
+    if feats:  # gradient mode's LNCC operator + beta (0 at the start) x SSD of a small siamese CNN's features
+        net = "features"
+        tau = 0.5 if tau is None else tau
+        sigma = 1.5 if sigma is None else sigma
+    cnn_layers = (4 if feats else 5) if cnn_layers is None else cnn_layers
+    cnn_channels = (16 if feats else 32) if cnn_channels is None else cnn_channels
     net = net or DEFAULT_NET[method]
     cin, cout = field_channels(ndim), ndim
     if method == "riir":
@@ -84,6 +97,10 @@ def make_config(method: str, ndim: int, enc=(16, 32, 32), dec=(32, 32, 16), fact
     elif net == "cnn":
         args = dict(ndim=ndim, in_channels=cin, out_channels=cout, layers=cnn_layers, channels=cnn_channels,
                     final_init=final_init)
+    elif net == "features":
+        args = dict(ndim=ndim, in_channels=1, out_channels=int(feature_channels), layers=cnn_layers,
+                    channels=cnn_channels, final_init=float(feature_init), activation=feature_activation,
+                    dilations=[int(d) for d in feature_dilations] if feature_dilations else [1] * cnn_layers)
     else:
         raise ValueError(f"unknown net {net!r}; choose unet or cnn")
     if method in LEVEL_METHODS:
@@ -91,7 +108,7 @@ def make_config(method: str, ndim: int, enc=(16, 32, 32), dec=(32, 32, 16), fact
     steps = {"deqreg": max_steps, "voxelmorph": 1, "riir": unroll_steps,
              "unroll": repeats * len(levels), "gradirn": repeats * len(levels)}[method]
     gd = method == "gradirn"  # GraDIRN: the raw gradient, tau initialised at 0.5, second order
-    hybrid = update == "hybrid" or gd
+    hybrid = update in ("hybrid", "features") or gd
     return ModelConfig(
         update="hybrid" if gd else update, ndim=ndim, unet=args, network=net,
         pyramid=[int(f) for f in (pyramid or [factor])],
@@ -109,7 +126,8 @@ def describe(cfg: ModelConfig) -> str:
     m = cfg.method
     net = "U-Net" if cfg.network == "unet" else f"{cfg.unet['layers']}-layer {cfg.unet['channels']}-ch CNN"
     if m == "deqreg":
-        hybrid = ", hybrid operator" if cfg.update == "hybrid" else ""
+        hybrid = {"hybrid": ", hybrid operator",
+                  "features": ", gradient + learned feature similarity"}.get(cfg.update, "")
         t = cfg.training
         return f"deqreg ({cfg.solver} T={cfg.trained_steps}, {t.n_states} states x k={t.phantom_k}{hybrid})"
     if m == "voxelmorph":
@@ -148,8 +166,11 @@ class TrainStep(nn.Module):
         self.last_solver_steps = ""
         t = cfg.training
         if cfg.method == "deqreg":
+            # the features update solves as gradient mode does (register() gives it gradient mode's Anderson)
+            options = (dict(memory=GRADIENT_ANDERSON_MEMORY, restart=GRADIENT_ANDERSON_RESTART)
+                       if cfg.update == "features" and cfg.solver == "anderson" else {})
             self.deq = DEQ(solver=cfg.solver, max_steps=int(cfg.trained_steps or cfg.max_steps), tol=t.solver_tol,
-                           phantom_k=t.phantom_k, phantom_damping=t.phantom_damping, n_states=t.n_states)
+                           phantom_k=t.phantom_k, phantom_damping=t.phantom_damping, n_states=t.n_states, **options)
 
     # ------------------------------------------------------------------ pieces
 

@@ -80,10 +80,24 @@ def parse_args(argv=None):
     ap.add_argument("--json", help="Learn2Reg {name}_dataset.json (--data learn2reg)")
     ap.add_argument("--mix", type=float, default=0.5, help="probability of the first source when mixing")
     ap.add_argument("--factor", type=int, default=1, help="working grid = image grid pooled by this (stored in the model)")
-    ap.add_argument("--update", choices=["learned", "hybrid"], default="learned",
-                    help="deqreg operator: learned (the paper's) or hybrid (gradient-mode step + learned correction)")
-    ap.add_argument("--op-diffusion-weight", type=float, default=0.5,
-                    help="hybrid: diffusion weight inside the operator's gradient step (gradient mode's LNCC: 0.45)")
+    ap.add_argument("--update", choices=["learned", "hybrid", "features"], default="learned",
+                    help="deqreg operator: learned (the paper's), hybrid (gradient-mode step + learned correction) or "
+                         "features (gradient-mode step on LNCC + beta x SSD of a small siamese CNN's features)")
+    ap.add_argument("--op-diffusion-weight", type=float, default=None,
+                    help="hybrid/features: diffusion weight inside the operator's gradient step (default: hybrid 0.5, "
+                         "features 0.45 = gradient mode's LNCC)")
+    ap.add_argument("--cnn-layers", type=int, default=None, help="cnn/features net: layers (default 5; features: 4)")
+    ap.add_argument("--cnn-channels", type=int, default=None,
+                    help="cnn/features net: channels (default 32; features: 16)")
+    ap.add_argument("--feature-channels", type=int, default=4, help="features: K, phi's output channels")
+    ap.add_argument("--feature-activation", choices=("none", "softmax"), default="none",
+                    help="features: phi's output activation (softmax: a phi pretrained as a segmentation network)")
+    ap.add_argument("--feature-dilations", type=int, nargs="+", default=None,
+                    help="features: one dilation per layer of phi (default all 1)")
+    ap.add_argument("--feature-init", type=float, default=1.0, help="features: std of phi's last layer at the start")
+    ap.add_argument("--feature-beta", type=float, default=0.0,
+                    help="features: beta, the feature term's weight, at the start (0: the model starts as gradient "
+                         "mode); ignored with --init")
     ap.add_argument("--tau", type=float, default=None,
                     help="hybrid: initial (trainable) step of the operator's gradient step (default 1; gradient "
                          "mode's LNCC: 0.5)")
@@ -146,6 +160,15 @@ def _set_rng_state(state: dict, gen: torch.Generator) -> None:
     random.setstate((3, tuple(int(v) for v in state["python"]), None))
 
 
+def op_diffusion_weight(args) -> float:
+    """The diffusion weight inside a hybrid or features operator's gradient step (0 for the others)."""
+    if args.update not in ("hybrid", "features"):
+        return 0.0
+    if args.op_diffusion_weight is not None:
+        return float(args.op_diffusion_weight)
+    return 0.5 if args.update == "hybrid" else 0.45
+
+
 def _dist_info():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -171,7 +194,10 @@ def train(args) -> dict:
                       max_steps=args.max_steps, unroll_steps=args.unroll_steps, levels=args.levels,
                       repeats=args.repeats, net=args.net, hidden=args.hidden,
                       n_states=args.n_states, phantom_k=args.phantom_k, phantom_damping=args.phantom_damping,
-                      update=args.update, diffusion_weight=args.op_diffusion_weight if args.update == "hybrid" else 0.0,
+                      update=args.update, diffusion_weight=op_diffusion_weight(args),
+                      cnn_layers=args.cnn_layers, cnn_channels=args.cnn_channels,
+                      feature_channels=args.feature_channels, feature_activation=args.feature_activation,
+                      feature_dilations=args.feature_dilations, feature_init=args.feature_init,
                       tau=args.tau, sigma=args.sigma,
                       pyramid=args.pyramid, label_weight=args.label_weight, level_solve=args.level_solve, fold_weight=args.fold_weight,
                       loss_diffusion_weight=lam, lr=args.lr, data=args.data, solver=args.solver,
@@ -183,6 +209,9 @@ def train(args) -> dict:
     op = build_operator(cfg).to(dev)
     if args.init:
         op.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=False)["state_dict"])
+    elif args.update == "features" and args.feature_beta:
+        with torch.no_grad():
+            op.beta.fill_(float(args.feature_beta) / op.beta_unit)
     step_module = TrainStep(op, cfg, lam=lam).to(dev)
     opt = torch.optim.AdamW(op.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)

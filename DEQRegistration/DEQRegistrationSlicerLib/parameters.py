@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 
 # The library's choices, repeated here because importing DEQRegistrationLib
 # imports torch (the module must load without it); a test checks they match.
-UPDATES = ("gradient", "learned", "hybrid")
+UPDATES = ("gradient", "learned", "hybrid", "features")
 INITS = ("affine", "rigid", "center", "none")
 SOLVERS = ("anderson", "fixed-point")
 SIMILARITIES = ("lncc", "mse", "mind")
