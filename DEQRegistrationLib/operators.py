@@ -216,8 +216,8 @@ class FeatureGradientUpdate(GradientUpdate):
     def forward(self, z, fixed, moving, weight=None):
         training = torch.is_grad_enabled()
         g = self.sim.gradient(z, fixed, moving, weight)
-        if training or float(self.beta) != 0.0:
-            g = g + (self.beta_unit * self.beta) * self.feature_gradient(z, fixed, moving, weight)
+        # always added (no host sync to test beta on a GPU); beta = 0 adds exact zeros
+        g = g + (self.beta_unit * self.beta) * self.feature_gradient(z, fixed, moving, weight)
         if self.diffusion_weight:
             d = self.diffusion_weight * self.log_diffusion_scale.exp()
             g = g + d * losses.diffusion_gradient(z if training else z.detach())
