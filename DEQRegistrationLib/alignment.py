@@ -5,7 +5,8 @@
 * ``none``: W = I (the images' headers are trusted);
 * ``center``: a translation taking the fixed image's intensity centre of mass to the moving one's;
 * ``rigid``: the best start among the identity, the centre-of-mass translation and a principal-axes
-  rotation about the centres (scored by the similarity on the coarsest level), then rotation + translation;
+  rotation about the centres (scored by the similarity on the coarsest level), checked against far
+  orientations by the orientation search (``Aligner._search``), then rotation + translation;
 * ``affine`` (the default): ``rigid``, then a full affine (rotation, scaling, shear, translation).
 
 Each rigid or affine stage is a fixed-point problem solved, coarse to fine, by
@@ -42,6 +43,7 @@ nothing improved on it. Never NaN.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -73,8 +75,13 @@ MAX_LEVELS = 3
 #: a linear part scaling any axis by more than this (or folding) is a diverged alignment
 MAX_SCALE = 3.0
 MI_BINS = 32
-#: a principal-axes start turning by more than this is not tried (see ``_principal_axes``)
+#: a principal-axes start turning by more than this is not the default start (see ``_principal_axes``); it is
+#: one of the orientation search's candidates
 MAX_PRINCIPAL_AXES_DEGREES = 45.0
+#: the orientation search (``Aligner._search``): this many of the far orientations, best by their coarse energy,
+#: are refined beside the default start; a far candidate must be farther than SEARCH_MIN_DEGREES from it
+SEARCH_REFINED = 3
+SEARCH_MIN_DEGREES = 30.0
 #: trial evaluations of the step length per step, at most
 LINE_TRIALS = 3
 #: Gaussian smoothing (level voxels) of both images on every level: a smoother energy, fewer spurious minima
@@ -136,8 +143,30 @@ def schedule(init: str, n_levels: int) -> List[Tuple[str, int]]:
 
 
 def planned_steps(init: str, shape: Sequence[int]) -> int:
-    """The alignment's step budget (what Progress.max_steps adds for it)."""
-    return STEPS_PER_LEVEL * len(schedule(init, len(alignment_pyramid(shape))))
+    """The alignment's step budget (what Progress.max_steps adds for it): the orientation search's coarse runs
+    (the default start and ``SEARCH_REFINED`` far ones), then the schedule."""
+    stages = schedule(init, len(alignment_pyramid(shape)))
+    return STEPS_PER_LEVEL * (len(stages) + (1 + SEARCH_REFINED if stages else 0))
+
+
+def turn_degrees(R: np.ndarray) -> float:
+    """The angle of a d x d rotation (2D or 3D)."""
+    d = len(R)
+    cos = (np.trace(R) - 1) / 2 if d == 3 else np.trace(R) / 2
+    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+
+
+def axis_rotations(d: int) -> List[np.ndarray]:
+    """The rotations taking the coordinate axes to themselves (signed permutations with determinant 1): 4 in
+    2D, 24 in 3D. Every orientation is within 63 degrees of one of them in 3D (45 in 2D)."""
+    out = []
+    for perm in itertools.permutations(range(d)):
+        for signs in np.array(np.meshgrid(*[[1, -1]] * d)).T.reshape(-1, d):
+            R = np.zeros((d, d))
+            R[np.arange(d), list(perm)] = signs
+            if np.linalg.det(R) > 0:
+                out.append(R)
+    return out
 
 
 # --------------------------------------------------------------------------- similarities
@@ -490,10 +519,14 @@ class Aligner:
         ident = self.local_of_world(np.eye(4))
         centre = torch.eye(d + 1, device=dev)
         candidates = {"identity": ident, "center": centre}
+        far = []  # the orientation search's candidates: rotations about the centres
         if self.init in ("rigid", "affine"):
-            pa = self._principal_axes(pts_f, w_f, pts_m, w_m)
-            if pa is not None:
-                candidates["principal axes"] = pa
+            turns = self._principal_axes(pts_f, w_f, pts_m, w_m)
+            if turns and turn_degrees(turns[0]) <= MAX_PRINCIPAL_AXES_DEGREES:
+                candidates["principal axes"] = self._rotation(turns[0])
+                turns = turns[1:]
+            far = [(f"principal axes {i + 1}", R) for i, R in enumerate(turns)]
+            far += [(f"axes {i}", R) for i, R in enumerate(axis_rotations(d)) if turn_degrees(R) > 0]
         if self.init == "center":
             start_name = "center"
         else:
@@ -502,10 +535,15 @@ class Aligner:
             margin = 1e-5 + 1e-4 * abs(scores["identity"])  # float32 sums
             start_name = min(scores, key=lambda k: scores[k] + (0 if k == "identity" else margin))
         T = candidates[start_name]
+        search = []
+        if far:
+            T, start_name, search = self._search(levels, start_name, T, far, score)
         out.start = start_name
         e_ident = score(fine, ident)
         e_start = score(fine, T)
         stages = {"center": [], "rigid": ["rigid"], "affine": ["rigid", "affine"]}[self.init]
+        if self.stopped:  # cancelled during the search: the start reached
+            stages = []
         messages, diverged = [], False
         for si, kind in enumerate(stages):
             before = score(fine, T)
@@ -539,8 +577,41 @@ class Aligner:
         out.message = "; ".join(messages)
         out.matrix = W
         out.steps, out.seconds, out.stopped = self.steps, time.perf_counter() - t0, self.stopped
-        out.stages.insert(0, dict(name="start", candidate=start_name, energy_identity=e_ident, energy_start=e_start))
+        out.stages.insert(0, dict(name="start", candidate=start_name, energy_identity=e_ident, energy_start=e_start,
+                                  search=search))
         return out
+
+    def _rotation(self, R: np.ndarray) -> torch.Tensor:
+        """The local transform turning by R about the centres (the ``center`` start turned)."""
+        T = np.eye(self.d + 1)
+        T[: self.d, : self.d] = R
+        return torch.as_tensor(T, dtype=torch.float32, device=self.device)
+
+    def _search(self, levels, name: str, T: torch.Tensor, far, score):
+        """The orientation search: the default start and the ``SEARCH_REFINED`` far orientations best on the
+        coarsest level (farther than ``SEARCH_MIN_DEGREES`` from the start), each refined by the rigid stage on
+        that level; the start that ends lowest wins (the default on ties), and the pipeline runs from it.
+
+        A local descent only finds the pose within some tens of degrees of where it starts (a scan turned by
+        90 degrees about an oblique axis fell into a flipped pose); trying the far ones after a short descent,
+        not by their raw energy, keeps a near-symmetric object from swapping axes. Returns (start, its name,
+        the record for ``Alignment.stages``)."""
+        coarse = levels[0]
+        R0 = T[: self.d, : self.d].double().cpu().numpy()
+        far = [(n, self._rotation(R)) for n, R in far if turn_degrees(R @ R0.T) > SEARCH_MIN_DEGREES]
+        raw = {n: score(coarse, Tc) for n, Tc in far}
+        tried = [(name, T)] + sorted(far, key=lambda c: raw[c[0]])[:SEARCH_REFINED]
+        record, best = [], None
+        for n, Tc in tried:
+            Tr = self._stage("rigid", Tc, levels[:1])
+            e = score(coarse, Tr) if torch.isfinite(Tr).all() else float("inf")
+            e = e if math.isfinite(e) else float("inf")
+            record.append(dict(candidate=n, energy=raw[n] if n in raw else score(coarse, Tc), refined=e))
+            if self.stopped:  # cancelled: the pose the callback showed last is the alignment reached
+                return Tr, n, record
+            if best is None or e < best[2] - (1e-5 + 1e-4 * abs(best[2])):  # the default wins ties (float32)
+                best = (n, Tc, e)
+        return best[1], best[0], record
 
     def _diverged(self, T: torch.Tensor, energy_after: float) -> Optional[str]:
         """Why a stage's result cannot be a linear alignment (non-finite, folding, extreme scaling), or None."""
@@ -554,8 +625,9 @@ class Aligner:
             return f"it scales by {s.min():.3g}..{s.max():.3g}"
         return None
 
-    def _principal_axes(self, pts_f, w_f, pts_m, w_m) -> Optional[torch.Tensor]:
-        """The rotation taking the fixed principal axes to the moving ones (the sign choice nearest identity)."""
+    def _principal_axes(self, pts_f, w_f, pts_m, w_m) -> List[np.ndarray]:
+        """The rotations taking the fixed principal axes to the moving ones, one per sign choice, the one nearest
+        the identity first; none when two axes are near-degenerate."""
         d = self.d
         E = self.E[:, :d]
 
@@ -570,22 +642,11 @@ class Aligner:
         vm, um = axes(pts_m, w_m, cm)
         gaps = np.diff(vf) / vf[1:].clip(1e-12)
         if np.any(gaps < 0.05):
-            return None  # near-degenerate axes: no reliable rotation
-        best = None
-        for signs in np.array(np.meshgrid(*[[1, -1]] * d)).T.reshape(-1, d):
-            R = um @ np.diag(signs) @ uf.T
-            if np.linalg.det(R) <= 0:
-                continue
-            if best is None or np.trace(R) > np.trace(best):
-                best = R
-        # axes are known up to order and sign: a turn this large is more likely two axes swapped (a
-        # near-symmetric object) than how the patient lay; the rigid stage handles the usual range
-        cos = (np.trace(best) - (d - 2)) / 2 if d == 3 else np.trace(best) / 2
-        if np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))) > MAX_PRINCIPAL_AXES_DEGREES:
-            return None
-        T = np.eye(d + 1)
-        T[:d, :d] = best
-        return torch.as_tensor(T, dtype=torch.float32, device=self.device)
+            return []  # near-degenerate axes: no reliable rotation
+        turns = [um @ np.diag(signs) @ uf.T for signs in np.array(np.meshgrid(*[[1, -1]] * d)).T.reshape(-1, d)]
+        # axes are known up to order and sign: a large turn is more likely two axes swapped (a near-symmetric
+        # object) than how the patient lay, so only one within MAX_PRINCIPAL_AXES_DEGREES is a default start
+        return sorted([R for R in turns if np.linalg.det(R) > 0], key=turn_degrees)
 
 
 def align(fixed: Image, moving: Image, init: str = "affine", similarity: str = "lncc",

@@ -110,6 +110,22 @@ def test_a_diverging_stage_is_undone_and_reported_never_nan(monkeypatch):
     np.testing.assert_array_equal(res.world, np.eye(4))
 
 
+@pytest.mark.parametrize("degrees,axis", [(100.0, (0.4, -0.3, 1.0)), (180.0, (0.0, 0.0, 1.0))])
+def test_a_turn_far_beyond_a_local_descent_is_found_by_the_orientation_search(degrees, axis):
+    """Turned by 100 or 180 degrees: from the centres alone the rigid stage ends 20-35 mm off (measured before
+    the search existed); the search refines far orientations too and starts from the best."""
+    motion = rigid_motion(axis, degrees, (3.0, -2.0, 1.0), (0.0, 0.0, 0.0))
+    fixed = Image(render(FSHAPE, AF), AF)
+    moving = Image(render(MSHAPE, AM, motion), AM)
+    result = align(fixed, moving, init="rigid", similarity="ncc")
+    assert rms_error(result.matrix, motion, FSHAPE, AF) < 0.35, result.stages[0]
+    search = result.stages[0]["search"]
+    assert result.start not in ("identity", "center") and len(search) >= 2
+    # the winner ends lowest (two far starts can reach the same pose: equal up to float32 rounding)
+    best = min(row["refined"] for row in search)
+    assert next(r["refined"] for r in search if r["candidate"] == result.start) <= best + 1e-5 + 1e-4 * abs(best)
+
+
 def test_an_alignment_that_makes_things_worse_keeps_the_identity():
     """Nothing to align (a noise image): whatever the stages do, a worse similarity than the identity is refused."""
     from DEQRegistrationLib import alignment
