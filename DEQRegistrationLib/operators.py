@@ -35,17 +35,31 @@ from .transforms import downsample_image, sample, warp
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, *S), per channel; border replicated.
-
-    Taps are applied as shifted multiply-adds on a replicate-padded copy per
-    axis: on a CPU about 4x faster than grouped convolutions, same result.
-    """
+    """Separable Gaussian blur of (B, C, *S), per channel; border replicated."""
     if sigma <= 0:
         return x
     radius = max(1, int(math.ceil(2.5 * sigma)))
     taps = [math.exp(-0.5 * (t / sigma) ** 2) for t in range(-radius, radius + 1)]
     total = sum(taps)
-    taps = [t / total for t in taps]
+    return separable_filter(x, [t / total for t in taps])
+
+
+#: three 3-voxel box filters in one (the 3-fold convolution of [1, 1, 1] / 3): ConvexAdam's smoothing of its field
+BOX3_TAPS = tuple(t / 27 for t in (1, 3, 6, 7, 6, 3, 1))
+
+
+def box_smooth(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *S) smoothed by three 3-voxel box filters per axis (``BOX3_TAPS``), border replicated."""
+    return separable_filter(x, BOX3_TAPS)
+
+
+def separable_filter(x: torch.Tensor, taps) -> torch.Tensor:
+    """(B, C, *S) filtered along every spatial axis by the same odd, symmetric ``taps``; border replicated.
+
+    Taps are applied as shifted multiply-adds on a replicate-padded copy per
+    axis: on a CPU about 4x faster than grouped convolutions, same result.
+    """
+    radius = len(taps) // 2
     ndim = x.dim() - 2
     for axis in range(ndim):
         dim = 2 + axis
@@ -99,6 +113,11 @@ class UpdateOperator(nn.Module):
     def state_channels(self, ndim: int) -> int:
         return ndim
 
+    def field(self, z: torch.Tensor) -> torch.Tensor:
+        """The displacement field a state stands for: its first ndim channels (an operator that parameterises
+        the field otherwise says how)."""
+        return z[:, : z.dim() - 2]
+
     def for_level(self, level: int) -> "UpdateOperator":
         """The operator of pyramid level ``level`` (one operator for all levels unless a ``LevelStack``)."""
         return self
@@ -135,14 +154,22 @@ class GradientUpdate(UpdateOperator):
     similarity per voxel; 0 masks a voxel out. ``image_gradient``: where the
     chain rule's image gradient comes from (``similarity.IMAGE_GRADIENTS``;
     ``config.IMAGE_GRADIENTS`` has what "symmetric" measured).
+
+    ``smooth_field``: the state z parameterises the field as ``box_smooth(z)``
+    (ConvexAdam's parameterisation, which its MIND-SSC weights go with): the
+    energy is taken at that field and its gradient carried back through the
+    (symmetric) smoothing. The field then has no components finer than the
+    filter; ``field(z)`` gives it. ``config.FIELD_SMOOTHING`` says where it
+    is on and what it measured.
     """
 
     update = "gradient"
 
     def __init__(self, step_size: float = 1.0, diffusion_weight: float = 1.0, sigma: float = 1.0, window: int = 5,
-                 similarity: str = "lncc", image_gradient: str = "moving"):
+                 similarity: str = "lncc", image_gradient: str = "moving", smooth_field: bool = False):
         super().__init__()
         self.step_size, self.diffusion_weight, self.sigma, self.window = step_size, diffusion_weight, sigma, window
+        self.smooth_field = smooth_field
         # one instance per operator: it keeps the prepared features of the pair being solved
         self.sim = make_similarity(similarity, window, image_gradient)
         self.similarity = self.sim.name
@@ -150,8 +177,14 @@ class GradientUpdate(UpdateOperator):
     def level_inputs(self, image, factors, on_progress=None):
         return self.sim.level_inputs(image, factors, on_progress)
 
+    def field(self, z: torch.Tensor) -> torch.Tensor:
+        return box_smooth(z) if self.smooth_field else z
+
     def forward(self, z, fixed, moving, weight=None):
-        g = similarity_gradient(z, fixed, moving, self.sim, self.window, self.diffusion_weight, weight=weight)
+        g = similarity_gradient(self.field(z), fixed, moving, self.sim, self.window, self.diffusion_weight,
+                                weight=weight)
+        if self.smooth_field:
+            g = box_smooth(g)  # the chain rule through the smoothing (symmetric taps)
         return z - self.step_size * gaussian_smooth(g, self.sigma)
 
 

@@ -24,8 +24,8 @@ from . import chunked, contrast, masks
 from .alignment import Aligner, Alignment, identity as identity_alignment, planned_steps
 from .checkpoint import load_operator
 from .coarse_to_fine import solve_levels
-from .config import (GRADIENT_ANDERSON_MEMORY, GRADIENT_ANDERSON_RESTART, GRADIENT_MAX_STEPS, GRADIENT_TOL,
-                     ModelConfig, Settings, make_settings)
+from .config import (FIELD_SMOOTHING, GRADIENT_ANDERSON_MEMORY, GRADIENT_ANDERSON_RESTART, GRADIENT_MAX_STEPS,
+                     GRADIENT_TOL, ModelConfig, Settings, make_settings)
 from .errors import AlignmentWarning, ContrastWarning, InputError
 from .geometry import ras_to_lps, voxel_field_to_physical
 from .image import Image
@@ -173,7 +173,8 @@ def make_operator(settings: Settings, ndim: int) -> Tuple[UpdateOperator, Option
         op = GradientUpdate(step_size=settings.operator_value("step_size", ndim),
                             diffusion_weight=settings.operator_value("diffusion_weight", ndim),
                             sigma=settings.sigma, window=settings.window, similarity=settings.similarity,
-                            image_gradient=settings.image_gradient)
+                            image_gradient=settings.image_gradient,
+                            smooth_field=FIELD_SMOOTHING.get(settings.similarity, False))
         return op, None
     model = "default" if settings.model is None else settings.model
     if isinstance(model, UpdateOperator):
@@ -442,7 +443,7 @@ class _Registration:
 
     def _full(self, z: torch.Tensor, factor: int) -> torch.Tensor:
         """A working-grid state's field (its first ndim channels) as a field on the whole fixed grid."""
-        return upsample_field(z[:, : self.fixed.ndim], factor)[self.crop]
+        return upsample_field(self.op.field(z), factor)[self.crop]
 
     def _report(self, stage: str, level_index: int, n_levels: int, residual: float, full_field,
                 world_sampler: Sampler, z: Optional[torch.Tensor] = None, factor: int = 1) -> bool:
@@ -465,7 +466,7 @@ class _Registration:
     def _on_step(self, level_index: int, factor: int, residual: float, z: torch.Tensor) -> bool:
         return self._report("deformable", level_index, len(self.plan.levels), residual,
                             lambda: self.sampler.composed_displacement(self._full(z, factor)), self.sampler,
-                            z[:, : self.fixed.ndim], factor)
+                            self.op.field(z) if self.callback is not None else None, factor)
 
     def _on_alignment_step(self, kind: str, level_index: int, n_levels: int, residual: float, W: np.ndarray) -> bool:
         sampler = Sampler.between(self.fixed, self.moving, W)
@@ -496,9 +497,9 @@ class _Registration:
             z0 = torch.zeros(1, self.op.state_channels(ndim), *pyramid[0][0].shape[2:], device=self.device)
             out = solve_levels(self.plan.levels, z0, lambda i, z, steps: self._solve_level(pyramid, i, z, steps))
         del pyramid, z0
-        # the final field straight into a float32 array on the fixed grid, slab by slab (``chunked``); a recurrent
-        # model's hidden state dropped
-        disp_np = chunked.upsample_field_into(out.z[:, :ndim], out.factor, self.fixed.shape)
+        # the final field (``op.field``: a recurrent model's hidden state dropped, a smoothed parameterisation
+        # applied) straight into a float32 array on the fixed grid, slab by slab (``chunked``)
+        disp_np = chunked.upsample_field_into(self.op.field(out.z), out.factor, self.fixed.shape)
         converged, stopped = out.converged, out.stopped
         del out
         return self._result(disp_np, converged, stopped)
