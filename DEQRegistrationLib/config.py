@@ -369,10 +369,10 @@ SIMILARITY_OPERATOR_DEFAULTS = {"lncc": dict(step_size=0.5, diffusion_weight=0.4
 SIMILARITY_OPERATOR_DEFAULTS_3D = {"mind": dict(diffusion_weight=0.035)}
 #: similarities whose gradient operator parameterises the field as three 3-voxel box filters of the state
 #: (``operators.GradientUpdate(smooth_field=True)``): ConvexAdam's parameterisation, which its MIND-SSC weight
-#: (above) was set with. Measured with the multimodal preset, same runs with and without: the OASIS pair under
-#: the contrast map 0.7123 -> 0.7168 (0.008 -> 0.002 % folded), under the T2-like map 0.7064 -> 0.7083
-#: (0.018 -> 0.008 %), the 30 ordered 2D pairs of subjects 1-6 under the contrast map 0.4499 -> 0.4509 (all
-#: converged, 0.046 % folded either way). Not for LNCC: the aligned OASIS pair 0.7546 -> 0.7469
+#: (above) was set with. Measured with the multimodal preset: the OASIS pair under the contrast map
+#: 0.7123 -> 0.7160 (0.008 -> 0.002 % folded), under the T2-like map 0.7064 -> 0.7085 (0.018 -> 0.007 %), the
+#: 30 ordered 2D pairs of subjects 1-6 under the contrast map 0.4499 -> 0.4505 (all converged, 0.047 % folded
+#: either way). Not for LNCC: the aligned OASIS pair 0.7546 -> 0.7469
 FIELD_SMOOTHING = {"mind": True}
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 #: the gradient mode's budget and tolerance when the caller gives none
