@@ -156,12 +156,22 @@ def turn_degrees(R: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
 
 
+def _sign_choices(d: int) -> np.ndarray:
+    """Every vector of d signs (+1 / -1), one per row."""
+    return np.array(np.meshgrid(*[[1, -1]] * d)).T.reshape(-1, d)
+
+
+def _float32_margin(energy: float) -> float:
+    """How much two energies summed in float32 may differ by rounding alone."""
+    return 1e-5 + 1e-4 * abs(energy)
+
+
 def axis_rotations(d: int) -> List[np.ndarray]:
     """The rotations taking the coordinate axes to themselves (signed permutations with determinant 1): 4 in
     2D, 24 in 3D. Every orientation is within 63 degrees of one of them in 3D (45 in 2D)."""
     out = []
     for perm in itertools.permutations(range(d)):
-        for signs in np.array(np.meshgrid(*[[1, -1]] * d)).T.reshape(-1, d):
+        for signs in _sign_choices(d):
             R = np.zeros((d, d))
             R[np.arange(d), list(perm)] = signs
             if np.linalg.det(R) > 0:
@@ -532,7 +542,7 @@ class Aligner:
         else:
             scores = {k: score(coarse, T) for k, T in candidates.items()}
             # the identity unless a candidate is better beyond rounding (identical centres give equal scores)
-            margin = 1e-5 + 1e-4 * abs(scores["identity"])  # float32 sums
+            margin = _float32_margin(scores["identity"])
             start_name = min(scores, key=lambda k: scores[k] + (0 if k == "identity" else margin))
         T = candidates[start_name]
         search = []
@@ -609,7 +619,7 @@ class Aligner:
             record.append(dict(candidate=n, energy=raw[n] if n in raw else score(coarse, Tc), refined=e))
             if self.stopped:  # cancelled: the pose the callback showed last is the alignment reached
                 return Tr, n, record
-            if best is None or e < best[2] - (1e-5 + 1e-4 * abs(best[2])):  # the default wins ties (float32)
+            if best is None or e < best[2] - _float32_margin(best[2]):  # the default wins ties
                 best = (n, Tc, e)
         return best[1], best[0], record
 
@@ -643,7 +653,7 @@ class Aligner:
         gaps = np.diff(vf) / vf[1:].clip(1e-12)
         if np.any(gaps < 0.05):
             return []  # near-degenerate axes: no reliable rotation
-        turns = [um @ np.diag(signs) @ uf.T for signs in np.array(np.meshgrid(*[[1, -1]] * d)).T.reshape(-1, d)]
+        turns = [um @ np.diag(signs) @ uf.T for signs in _sign_choices(d)]
         # axes are known up to order and sign: a large turn is more likely two axes swapped (a near-symmetric
         # object) than how the patient lay, so only one within MAX_PRINCIPAL_AXES_DEGREES is a default start
         return sorted([R for R in turns if np.linalg.det(R) > 0], key=turn_degrees)
