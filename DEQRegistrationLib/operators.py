@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import losses
-from .similarity import Similarity, _coords, get_similarity, spatial_gradient
-from .transforms import downsample_image, sample, warp
+from .similarity import Similarity, get_similarity, spatial_gradient
+from .transforms import downsample_image, warp
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -240,7 +240,7 @@ class FeatureGradientUpdate(GradientUpdate):
         """d/dz of SSD(phi(fixed), phi(moving) o z), analytic (the sampling points carry no graph)."""
         pf, table = self.features(fixed, moving)
         K, ndim = pf.shape[1], z.shape[1]
-        sampled = sample(table, _coords(z.detach()), padding_mode="border")
+        sampled = warp(table, z.detach())  # at x + z, border padding
         diff = sampled[:, :K] - pf
         if weight is not None:
             diff = diff * weight
