@@ -31,10 +31,12 @@ The relative residual of the state is the motion of the step relative to the
 object's size, so the tolerance reads the same for every image.
 
 Similarities (``init_similarity``): ``lncc`` (1 - squared local NCC,
-window 5 on the level's grid), ``ncc`` (global), ``mse`` and ``mi`` (Parzen-window
-mutual information, 32 bins: for multi-modal pairs). All are weighted by the
-fixed mask, by the moving mask carried through the current W, and by the
-part of the fixed grid that maps inside the moving image.
+window 5 on the level's grid), ``ncc`` (global), ``mse`` and ``mi`` (normalised
+mutual information from a Parzen-window joint histogram, 32 bins: for multi-modal
+pairs). All are weighted by the fixed mask and by the moving mask carried
+through the current W; all but ``mi`` also by the part of the fixed grid that
+maps inside the moving image (``mi`` compares the moving image's outside as
+background, so its samples do not change with the pose).
 
 A stage whose result is not finite, whose linear part folds or scales by more
 than ``MAX_SCALE``, or that leaves the similarity worse than the start, is
@@ -405,7 +407,10 @@ class Aligner:
         warped = sample(level.moving, coords, padding_mode="zeros")
         with torch.no_grad():
             weight = level.weight
-            weight = weight * inside(coords, level.moving.shape[2:]).to(weight.dtype)  # only where the moving image is
+            if self.similarity != "mi":  # only where the moving image is
+                weight = weight * inside(coords, level.moving.shape[2:]).to(weight.dtype)
+            # mi: every fixed point, the moving image's outside as background (0), so the samples do not change
+            # with the pose (the overlap is not a way to raise the measure)
             if level.moving_mask is not None:
                 weight = weight * sample(level.moving_mask, coords, padding_mode="zeros")
         if float(weight.sum()) < 1:

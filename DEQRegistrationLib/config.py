@@ -30,26 +30,12 @@ UPDATES = ("learned", "gradient", "hybrid", "features")
 MODEL_UPDATES = ("learned", "hybrid", "features")
 SOLVER_NAMES = ("anderson", "fixed-point")
 SIMILARITIES = ("lncc", "mse", "mind")  # similarity.SIMILARITIES (a test keeps them equal)
-#: the similarity step's image gradient (similarity.IMAGE_GRADIENTS, a test keeps them equal): "moving" (the
-#: energy's exact gradient, the default) or "symmetric" (the mean of the warped moving image's and the fixed
-#: image's: ESM, the demons' symmetric forces), opt-in. Measured against "moving": higher Dice and less folding on
-#: the 3D OASIS pair (LNCC 0.7546 -> 0.7596, MIND under the contrast map 0.7123 -> 0.7147, T2-like 0.7064 ->
-#: 0.7147), and on a 48^3 interior crop (0.6728 -> 0.6799) but in 135 steps instead of 72; on 2D OASIS-TRT-20
-#: subjects 1-6 (six pairs) LNCC 0.5021 -> 0.5084, MIND 0.4524 -> 0.4541 with 4 of 6 solves converged instead of
-#: 6 (pair 1-2: 0.5027 -> 0.4944, not converged in 200 steps); all 30 ordered pairs of subjects 1-6 at the default
-#: settings, LNCC: 0.5092 -> 0.5074, 0.172 -> 0.061 % folded, 28 -> 20 of 30 converged. Not LNCC's default: it
-#: converges less reliably there and its gain is not general. MIND-SSC's default since its field is box-smoothed
-#: (FIELD_SMOOTHING), which made it converge: multimodal preset, "moving" -> "symmetric", the OASIS pair under
-#: the contrast map 0.7160 -> 0.7186 (0.002 -> 0.000 % folded), under the T2-like map 0.7085 -> 0.7152
-#: (0.007 -> 0.003 %), the 30 ordered 2D pairs of subjects 1-6 under the contrast map 0.4506 -> 0.4525
-#: (0.047 -> 0.010 % folded, 30 of 30 converged either way).
+#: the similarity step's image gradient (similarity.IMAGE_GRADIENTS, a test keeps them equal); each similarity's
+#: default is in SIMILARITY_DEFAULTS
 IMAGE_GRADIENTS = ("moving", "warped", "symmetric")
-IMAGE_GRADIENT_FOR = {"mind": "symmetric"}  # Settings.image_gradient when not given (else "moving")
 #: the linear alignment stage (alignment.py): how far it goes, and its similarities
 INITS = ("none", "center", "rigid", "affine")
 INIT_SIMILARITIES = ("lncc", "ncc", "mse", "mi")
-#: init_similarity when not given: a global measure matching the deformable stage's similarity
-INIT_SIMILARITY_FOR = {"lncc": "ncc", "mse": "mse", "mind": "ncc"}  # mi only when asked (multimodal preset)
 #: --preset: named bundles of settings for common cases; settings given beside a preset win over it.
 #: Each is measured in README.md ("Scans as users have them"); the Slicer panel offers them first.
 PRESETS = {
@@ -262,15 +248,15 @@ class Settings:
     pyramid: Optional[Sequence[int]] = None         # gradient: from the image size; a model: its own
     level_weights: Optional[Sequence[float]] = None  # split of max_steps over the pyramid (default equal)
     # the gradient (weight-free) operator; a model keeps what it was trained with
-    step_size: Optional[float] = None         # None: the similarity's own (SIMILARITY_OPERATOR_DEFAULTS)
+    step_size: Optional[float] = None         # None: the similarity's own (SIMILARITY_DEFAULTS)
     diffusion_weight: Optional[float] = None  # None: the similarity's own
     sigma: float = 1.5
     window: int = 5
     similarity: str = "lncc"
-    image_gradient: Optional[str] = None  # moving | symmetric | warped (below); None: IMAGE_GRADIENT_FOR[similarity]
+    image_gradient: Optional[str] = None  # moving | symmetric | warped (below); None: the similarity's own
     # the linear alignment before the deformable stage (any update rule)
     init: str = "affine"              # none | center | rigid | affine
-    init_similarity: Optional[str] = None  # lncc | ncc | mse | mi; None: INIT_SIMILARITY_FOR[similarity]
+    init_similarity: Optional[str] = None  # lncc | ncc | mse | mi; None: the similarity's own
     preset: Optional[str] = None      # the PRESETS entry these settings started from (recorded, see make_settings)
 
     def validate(self) -> "Settings":
@@ -320,26 +306,36 @@ class Settings:
                                  "values it was trained with")
         return self
 
+    @property
+    def similarity_defaults(self) -> "SimilarityDefaults":
+        """The similarity's own defaults (SIMILARITY_DEFAULTS): what None resolves to below."""
+        return SIMILARITY_DEFAULTS[self.similarity]
+
     def operator_value(self, name: str, ndim: int) -> float:
         """``step_size`` or ``diffusion_weight`` as the gradient operator uses it on ``ndim``-D images: the
         setting, or the similarity's own default (MIND-SSC's gradient is ~20x smaller than LNCC's: same
-        balance, same speed; MIND's diffusion weight differs in 2D and 3D, see SIMILARITY_OPERATOR_DEFAULTS_3D)."""
+        balance, same speed; MIND's diffusion weight differs in 2D and 3D)."""
         value = getattr(self, name)
         if value is None:
-            value = SIMILARITY_OPERATOR_DEFAULTS[self.similarity][name]
-            if ndim == 3:
-                value = SIMILARITY_OPERATOR_DEFAULTS_3D.get(self.similarity, {}).get(name, value)
+            defaults = self.similarity_defaults
+            is_3d_weight = name == "diffusion_weight" and ndim == 3
+            value = defaults.diffusion_weight_3d if is_3d_weight else getattr(defaults, name)
         return float(value)
 
     @property
     def similarity_image_gradient(self) -> str:
         """The image gradient the similarity step uses: ``image_gradient``, or the similarity's own."""
-        return self.image_gradient or IMAGE_GRADIENT_FOR.get(self.similarity, "moving")
+        return self.image_gradient or self.similarity_defaults.image_gradient
+
+    @property
+    def smooth_field(self) -> bool:
+        """Whether the gradient operator's field is its state box-smoothed (the similarity's own choice)."""
+        return self.similarity_defaults.smooth_field
 
     @property
     def alignment_similarity(self) -> str:
         """The similarity the alignment stage uses: ``init_similarity``, or the one matching ``similarity``."""
-        return self.init_similarity or INIT_SIMILARITY_FOR.get(self.similarity, "ncc")
+        return self.init_similarity or self.similarity_defaults.init_similarity
 
     def as_dict(self) -> dict:
         """JSON-friendly copy (a model object is named by its class)."""
@@ -353,8 +349,23 @@ class Settings:
 
 
 GRADIENT_OPERATOR_SETTINGS = ("step_size", "diffusion_weight", "sigma", "window", "similarity", "image_gradient")
-#: the gradient operator's step and diffusion weight per similarity when not given (README, "Scans as users
-#: have them" and design notes, "Why the step is 0.5"; MSE not re-tuned)
+@dataclass(frozen=True)
+class SimilarityDefaults:
+    """What a similarity brings when the caller does not say: the gradient operator's parameters and the linear
+    alignment's measure (``Settings.operator_value``, ``similarity_image_gradient``, ``smooth_field``,
+    ``alignment_similarity`` read them; one row per similarity in SIMILARITY_DEFAULTS)."""
+
+    step_size: float
+    diffusion_weight: float         # 2D images
+    diffusion_weight_3d: float      # 3D images
+    image_gradient: str = "moving"  # IMAGE_GRADIENTS
+    smooth_field: bool = False      # GradientUpdate(smooth_field)
+    init_similarity: str = "ncc"    # INIT_SIMILARITIES; mi only when asked (multimodal preset: README, Honest limits)
+
+
+#: Why each row holds what it holds, field by field.
+#: step_size, diffusion_weight: the gradient operator's (README, "Scans as users have them" and design notes, "Why
+#: the step is 0.5"; MSE not re-tuned).
 #: MIND's diffusion weight is 0.1, chosen on the 2D OASIS-TRT-20 slices of subjects 1-6 (six pairs, moving under
 #: synthetic.contrast_change, multimodal preset, pyramid (4, 2) like the 3D brain's 2 mm plan): 0.02 folded 1.15 %
 #: of the voxels (mean Dice 0.400), 0.05 0.19 % (0.426); 0.1, 0.2, 0.3 and 0.5 all gave 0.441-0.442 with <= 0.006 %;
@@ -367,23 +378,38 @@ GRADIENT_OPERATOR_SETTINGS = ("step_size", "diffusion_weight", "sigma", "window"
 #: affine stage: ~1300 voxels 2-cycle, consecutive residuals at cosine -0.9999, plain iteration's residual
 #: rises from 3.6e-3 to 6.9e-3 and Anderson stalls at 1.5e-3); at 0.5 plain iteration decreases monotonically;
 #: its diffusion 0.45 (OASIS, affine stage: Dice 0.750 at 0.5, 0.755 at 0.45 with 0.028 % folded)
-SIMILARITY_OPERATOR_DEFAULTS = {"lncc": dict(step_size=0.5, diffusion_weight=0.45),
-                                "mse": dict(step_size=1.0, diffusion_weight=0.5),
-                                "mind": dict(step_size=4.0, diffusion_weight=0.1)}
-#: 3D values that differ from the above. MIND's 3D diffusion weight is ConvexAdam's (Siebert, Hansen & Heinrich
+#: diffusion_weight_3d: MIND's 3D diffusion weight is ConvexAdam's (Siebert, Hansen & Heinrich
 #: 2021; the weight-free MIND-SSC method of Learn2Reg): its default lambda 1.25 multiplies the mean over voxels
 #: *and the 3 components* of the squared differences, against the sum over the 12 channels of the descriptor
 #: difference; in this energy's scale (mean over channels, sums over voxels and components) that is
 #: 1.25 / 36 = 0.035. A 2D slice registration needs more (0.035 folds 0.3 % on the 2D slices above; out-of-plane
 #: anatomy a 2D field can only fake), so 2D keeps 0.1
-SIMILARITY_OPERATOR_DEFAULTS_3D = {"mind": dict(diffusion_weight=0.035)}
-#: similarities whose gradient operator parameterises the field as three 3-voxel box filters of the state
+#: smooth_field: the gradient operator parameterises the field as three 3-voxel box filters of the state
 #: (``operators.GradientUpdate(smooth_field=True)``): ConvexAdam's parameterisation, which its MIND-SSC weight
 #: (above) was set with. Measured with the multimodal preset: the OASIS pair under the contrast map
 #: 0.7123 -> 0.7160 (0.008 -> 0.002 % folded), under the T2-like map 0.7064 -> 0.7085 (0.018 -> 0.007 %), the
 #: 30 ordered 2D pairs of subjects 1-6 under the contrast map 0.4499 -> 0.4505 (all converged, 0.047 % folded
 #: either way). Not for LNCC: the aligned OASIS pair 0.7546 -> 0.7469
-FIELD_SMOOTHING = {"mind": True}
+#: image_gradient: "moving" (the energy's exact gradient) or "symmetric" (the mean of the warped moving image's
+#: and the fixed image's: ESM, the demons' symmetric forces). Measured against "moving": higher Dice and less folding on
+#: the 3D OASIS pair (LNCC 0.7546 -> 0.7596, MIND under the contrast map 0.7123 -> 0.7147, T2-like 0.7064 ->
+#: 0.7147), and on a 48^3 interior crop (0.6728 -> 0.6799) but in 135 steps instead of 72; on 2D OASIS-TRT-20
+#: subjects 1-6 (six pairs) LNCC 0.5021 -> 0.5084, MIND 0.4524 -> 0.4541 with 4 of 6 solves converged instead of
+#: 6 (pair 1-2: 0.5027 -> 0.4944, not converged in 200 steps); all 30 ordered pairs of subjects 1-6 at the default
+#: settings, LNCC: 0.5092 -> 0.5074, 0.172 -> 0.061 % folded, 28 -> 20 of 30 converged. Not LNCC's default: it
+#: converges less reliably there and its gain is not general. MIND-SSC's default since its field is box-smoothed
+#: (smooth_field), which made it converge: multimodal preset, "moving" -> "symmetric", the OASIS pair under
+#: the contrast map 0.7160 -> 0.7186 (0.002 -> 0.000 % folded), under the T2-like map 0.7085 -> 0.7152
+#: (0.007 -> 0.003 %), the 30 ordered 2D pairs of subjects 1-6 under the contrast map 0.4506 -> 0.4525
+#: (0.047 -> 0.010 % folded, 30 of 30 converged either way).
+#: init_similarity: a global measure matching the deformable stage's similarity (MSE aligns by MSE; MIND-SSC by
+#: global NCC: README, Honest limits, says which others were measured and why they are not the default)
+SIMILARITY_DEFAULTS = {
+    "lncc": SimilarityDefaults(step_size=0.5, diffusion_weight=0.45, diffusion_weight_3d=0.45),
+    "mse": SimilarityDefaults(step_size=1.0, diffusion_weight=0.5, diffusion_weight_3d=0.5, init_similarity="mse"),
+    "mind": SimilarityDefaults(step_size=4.0, diffusion_weight=0.1, diffusion_weight_3d=0.035,
+                               image_gradient="symmetric", smooth_field=True),
+}
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 #: the gradient mode's budget and tolerance when the caller gives none
 GRADIENT_MAX_STEPS = 200  # a budget, not a target: the solver stops at tolerance (OASIS after the affine stage: 61)

@@ -159,7 +159,7 @@ class GradientUpdate(UpdateOperator):
     (ConvexAdam's parameterisation, which its MIND-SSC weights go with): the
     energy is taken at that field and its gradient carried back through the
     (symmetric) smoothing. The field then has no components finer than the
-    filter; ``field(z)`` gives it. ``config.FIELD_SMOOTHING`` says where it
+    filter; ``field(z)`` gives it. ``config.SIMILARITY_DEFAULTS`` (``smooth_field``) says where it
     is on and what it measured.
     """
 

@@ -24,7 +24,7 @@ from . import chunked, contrast, masks
 from .alignment import Aligner, Alignment, identity as identity_alignment, planned_steps
 from .checkpoint import load_operator
 from .coarse_to_fine import solve_levels
-from .config import (FIELD_SMOOTHING, GRADIENT_ANDERSON_MEMORY, GRADIENT_ANDERSON_RESTART, GRADIENT_MAX_STEPS,
+from .config import (GRADIENT_ANDERSON_MEMORY, GRADIENT_ANDERSON_RESTART, GRADIENT_MAX_STEPS,
                      GRADIENT_TOL, ModelConfig, Settings, make_settings)
 from .errors import AlignmentWarning, ContrastWarning, InputError
 from .geometry import ras_to_lps, voxel_field_to_physical
@@ -174,7 +174,7 @@ def make_operator(settings: Settings, ndim: int) -> Tuple[UpdateOperator, Option
                             diffusion_weight=settings.operator_value("diffusion_weight", ndim),
                             sigma=settings.sigma, window=settings.window, similarity=settings.similarity,
                             image_gradient=settings.similarity_image_gradient,
-                            smooth_field=FIELD_SMOOTHING.get(settings.similarity, False))
+                            smooth_field=settings.smooth_field)
         return op, None
     model = "default" if settings.model is None else settings.model
     if isinstance(model, UpdateOperator):

@@ -4,12 +4,14 @@ Checked: the filter is three 3-voxel box filters; the operator's step is the gra
 smoothed field* carried back through the smoothing, so its fixed points are stationary points of
 E(box_smooth(z)); register() reports and returns the smoothed field, not the state.
 """
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from DEQRegistrationLib import Image, register
-from DEQRegistrationLib.config import FIELD_SMOOTHING
+from DEQRegistrationLib.config import SIMILARITY_DEFAULTS
 from DEQRegistrationLib.operators import GradientUpdate, box_smooth
 
 
@@ -63,12 +65,10 @@ def test_the_smoothed_step_is_the_energy_gradient_through_the_smoothing():
 
 
 def test_register_with_mind_returns_and_shows_the_smoothed_field(monkeypatch):
-    """MIND-SSC runs smoothed (config.FIELD_SMOOTHING): the field that Progress shows at the last step is the
-    field the result returns, and it is smoother than the same registration's without the smoothing (largest
-    second difference relative to the largest displacement: 0.10 against 0.15 when measured)."""
-    from DEQRegistrationLib import registration
-
-    assert FIELD_SMOOTHING.get("mind") and not FIELD_SMOOTHING.get("lncc")
+    """MIND-SSC runs smoothed (``smooth_field`` in config.SIMILARITY_DEFAULTS): the field that Progress shows at
+    the last step is the field the result returns, and it is smoother than the same registration's without the
+    smoothing (largest second difference relative to the largest displacement: 0.10 against 0.15 when measured)."""
+    assert SIMILARITY_DEFAULTS["mind"].smooth_field and not SIMILARITY_DEFAULTS["lncc"].smooth_field
     rng = np.random.default_rng(1)
     base = F.avg_pool2d(torch.from_numpy(rng.random((1, 1, 48, 44)).astype(np.float32)), 5, 1, 2)[0, 0].numpy()
     fixed = Image(base, np.eye(4))
@@ -82,6 +82,7 @@ def test_register_with_mind_returns_and_shows_the_smoothed_field(monkeypatch):
     def roughness(d):
         return np.abs(np.diff(d, 2, axis=1)).max() / np.abs(d).max()
 
-    monkeypatch.setitem(registration.FIELD_SMOOTHING, "mind", False)
+    unsmoothed_mind = dataclasses.replace(SIMILARITY_DEFAULTS["mind"], smooth_field=False)
+    monkeypatch.setitem(SIMILARITY_DEFAULTS, "mind", unsmoothed_mind)
     unsmoothed = register(fixed, moving, similarity="mind", init="none", device="cpu")
     assert roughness(res.displacement) < 0.8 * roughness(unsmoothed.displacement)

@@ -71,3 +71,41 @@ def test_a_real_slice_and_its_whole_voxel_shifted_copy_converge_quickly(shared_d
     assert r.converged and r.steps < 60, (r.steps, r.final_residual)
     assert np.abs(r.displacement).max() < 0.05  # the shift is in the alignment, not in the field
     assert np.allclose(r.warped.data[20:-20, 20:-20], fixed.data[20:-20, 20:-20], atol=0.02 * fixed.data.max())
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_the_multimodal_preset_keeps_a_textured_image_aligned_to_itself(ndim):
+    """The multimodal preset aligns by mutual information. Plain MI over the overlap turned these volumes by a
+    quarter turn (the orientation search preferred one: 33 and 37 mm of corner motion, label Dice 0.82 and 0.87
+    after the deformable stage); normalised MI over a pose-independent sample set keeps them within 0.6-0.8 mm
+    (interpolation still biases MI off the grid by a fraction of a voxel: README, Honest limits)."""
+    import itertools
+
+    vol = textured(ndim)
+    labels = blob_labels(vol / vol.max())
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    res = register(Image(vol, affine), Image(vol.copy(), affine), moving_labels=labels, preset="multimodal",
+                   device="cpu")
+    corners = np.array(list(itertools.product(*[(0, n - 1) for n in vol.shape])), float) * 1.5
+    h = np.c_[corners, np.zeros((len(corners), 3 - ndim)), np.ones(len(corners))]
+    motion = np.linalg.norm((h @ res.world.T - h)[:, :3], axis=1).max()
+    assert res.alignment.start == "identity" and motion < 1.5, (res.alignment.start, motion)  # under a voxel
+    assert metrics.mean_dice(labels, res.warped_labels) > 0.99
+
+
+def test_normalised_mutual_information_ranks_a_functional_relation_above_noise():
+    """Highest for one image against itself, nearly as high under a non-monotonic intensity map, 1 against unrelated
+    noise: what the multimodal alignment relies on (the Parzen window keeps the first below 2: measured 1.18, 1.11
+    and 1.003)."""
+    import torch
+
+    from DEQRegistrationLib.similarity import mutual_information
+    from DEQRegistrationLib.synthetic import contrast_change
+
+    a = textured(2)
+    a = torch.as_tensor(a / a.max())
+    mapped = torch.as_tensor(contrast_change(a.numpy()))
+    noise = torch.rand(a.shape, generator=torch.Generator().manual_seed(0))
+    w = torch.ones_like(a)
+    same, other, unrelated = (float(mutual_information(a, b, w)) for b in (a, mapped, noise))
+    assert same > other > unrelated + 0.05 and abs(unrelated - 1) < 0.01, (same, other, unrelated)

@@ -2,7 +2,7 @@
 
 OASIS-TRT-20 subject 1 (fixed) and subject 2 (moving, |sin(1.5 pi x)| of its
 intensities), slice 118 with its DKT31 labels; one of the pairs MIND's diffusion
-weight was chosen on (config.SIMILARITY_OPERATOR_DEFAULTS). The pyramid is
+weight was chosen on (config.SIMILARITY_DEFAULTS). The pyramid is
 (4, 2), the 2 mm working grids the 3D brain gets. With the former weight 0.02
 this pair folded 1.06 % of the pixels and did not converge in 216 steps
 (Dice 0.443); with 0.1: 0 % folded, converged in 88 steps, Dice 0.493 (descriptors

@@ -339,7 +339,7 @@ def test_register_with_the_symmetric_gradient_recovers_a_shift_and_converges():
 
 
 def test_the_image_gradient_follows_the_similarity_unless_given():
-    """None: MIND-SSC steps with the symmetric gradient (config.IMAGE_GRADIENT_FOR), LNCC and MSE with the exact
+    """None: MIND-SSC steps with the symmetric gradient (config.SIMILARITY_DEFAULTS), LNCC and MSE with the exact
     one; a given value wins; the operator register() builds uses the resolved one."""
     from DEQRegistrationLib.config import make_settings
     from DEQRegistrationLib.registration import make_operator

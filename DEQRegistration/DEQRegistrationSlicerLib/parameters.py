@@ -101,7 +101,7 @@ PARAMETERS = (
     Parameter("ModelPath", str, ""),
     Parameter("Device", str, AUTO, DEVICES, setting="device"),
     Parameter("Similarity", str, "lncc", SIMILARITIES, setting="similarity", gradient_only=True),
-    # 0 shows "auto": the similarity's own diffusion weight and step (the library's SIMILARITY_OPERATOR_DEFAULTS)
+    # 0 shows "auto": the similarity's own diffusion weight and step (the library's SIMILARITY_DEFAULTS)
     Parameter("DiffusionWeight", float, 0.0, setting="diffusion_weight", gradient_only=True, auto=0.0),
     Parameter("RefreshEvery", int, 5),
     # built by the module (no .ui widget): one row each
