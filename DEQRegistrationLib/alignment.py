@@ -57,7 +57,7 @@ import torch
 from .config import INIT_SIMILARITIES as ALIGN_SIMILARITIES, INITS
 from .geometry import pooled_affine, voxel_to_physical_points
 from .image import Image
-from . import similarity
+from . import contrast, similarity
 from .masks import pooled
 from .operators import gaussian_smooth
 from .preprocess import normalize_intensity, pad_to_multiple, to_tensor
@@ -595,6 +595,27 @@ class Aligner:
         out.stages.insert(0, dict(name="start", candidate=start_name, energy_identity=e_ident, energy_start=e_start,
                                   search=search))
         return out
+
+    def intensity_relation(self, W: np.ndarray) -> Optional[Tuple[float, float]]:
+        """(r^2, eta^2) of the two images through the world transform W (``contrast.linear_share``: how much of
+        the relation a linear map explains, how much the best curve does), at full resolution on the contrast
+        check's lattice of fixed voxels (smoothing would blur another contrast into a near-linear relation);
+        None when too few voxels show anything. Call after ``run``."""
+        d = self.d
+        with torch.no_grad():
+            stride = contrast.lattice_stride(self.fixed.shape)
+            fixed_s = self.fixed_n[(0, 0) + (slice(None, None, stride),) * d]
+            idx = torch.stack(torch.meshgrid(*[torch.arange(0, n, stride, device=self.device) for n in self.fixed.shape],
+                                             indexing="ij"), -1).reshape(-1, d).float()
+            sampler = Sampler(self.fixed.shape, self.fixed.affine, self.moving.affine)
+            coords = sampler.coords_through(torch.as_tensor(W, dtype=torch.float32, device=self.device), idx)
+            warped = sample(self.moving_n, coords, padding_mode="zeros").flatten()
+            weight = inside(coords, self.moving_n.shape[2:]).flatten().float()
+            if self.fmask is not None:
+                weight = weight * self.fmask[(0, 0) + (slice(None, None, stride),) * d].flatten()
+            if self.mmask is not None:
+                weight = weight * sample(self.mmask, coords, padding_mode="zeros").flatten()
+            return contrast.linear_share(fixed_s.flatten(), warped, weight)
 
     def _rotation(self, R: np.ndarray) -> torch.Tensor:
         """The local transform turning by R about the centres (the ``center`` start turned)."""

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--init", choices=INITS, default=None,
                      help="linear alignment before the deformable stage (default: affine)")
     reg.add_argument("--init-similarity", choices=INIT_SIMILARITIES, default=None,
-                     help="the alignment's similarity (default: ncc, or mi with --similarity mind)")
+                     help="the alignment's similarity (default: ncc; mse with --similarity mse; with "
+                          "--similarity mind both ncc and mi, mi's pose kept when the contrasts differ)")
     reg.add_argument("--similarity", choices=SIMILARITIES, default=None,
                      help="the deformable stage's similarity, gradient update (default: lncc)")
     reg.add_argument("--fixed-mask", metavar="F", help="label map or binary image (any grid): where the similarity "

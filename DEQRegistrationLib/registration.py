@@ -336,7 +336,9 @@ class _Registration:
         self.similarity = config.similarity if config is not None else settings.similarity
         self.warnings: List[str] = []  # what the user should know about this run (``RegistrationResult.warnings``)
         self.plan = make_plan(settings, op, config, fixed.shape, fixed.spacing)
-        self.align_steps = planned_steps(settings.init, fixed.shape)
+        # the alignment's budget for Progress: twice when a second measure is tried (``_align``)
+        measures = 1 if settings.alignment_similarity_other_contrast is None else 2
+        self.align_steps = measures * planned_steps(settings.init, fixed.shape)
         self.base_sampler = Sampler.between(fixed, moving)  # no linear part: composed fields go through it
         self.sampler = self.base_sampler                    # through W once the alignment has run
         self.moving_t = to_tensor(moving.data.astype(np.float32, copy=False), device)
@@ -473,14 +475,39 @@ class _Registration:
         return self._report("alignment", level_index, n_levels, residual, self._linear_field(sampler), sampler)
 
     def _align(self) -> Alignment:
+        """The alignment stage. A similarity with a measure for other contrasts (MIND-SSC: mutual information)
+        is aligned by both its measures; the first's pose is kept when the intensities follow a line there
+        (``contrast.nonlinear``) and the best curve explains about as much as at the second's pose
+        (``contrast.CURVE_MARGIN``), else the second's: NCC assumes one contrast, MI moves an image aligned to
+        itself by a fraction of a voxel."""
         if self.settings.init == "none":
             return identity_alignment()
-        aligner = Aligner(self.fixed, self.moving, self.settings.init, self.settings.alignment_similarity,
-                          self.fixed_mask, self.moving_mask, self.device, callback=self._on_alignment_step)
-        result = aligner.run()
+        first_aligner = self._aligner(self.settings.alignment_similarity)
+        result = first_aligner.run()
+        other = self.settings.alignment_similarity_other_contrast
+        if other is not None and other != result.similarity and not result.stopped:
+            first = result
+            second_aligner = self._aligner(other)
+            second = second_aligner.run()
+            share = (first_aligner.intensity_relation(first.matrix),
+                     None if second.stopped else second_aligner.intensity_relation(second.matrix))
+            keep_first = not second.stopped and (share[0] is None or share[1] is None or (
+                not contrast.nonlinear(share[0]) and share[0][1] >= share[1][1] - contrast.CURVE_MARGIN))
+            result, other_run = (first, second) if keep_first else (second, first)
+            result.stages.insert(0, dict(
+                name="measure", chosen=result.similarity, measures=[first.similarity, second.similarity],
+                r2=[None if s is None else s[0] for s in share], eta2=[None if s is None else s[1] for s in share],
+                other_steps=other_run.steps, other_message=other_run.message))
+            result.steps += other_run.steps
+            result.seconds += other_run.seconds
+            result.stopped = second.stopped
         if result.message:
             self._warn(result.message, AlignmentWarning)
         return result
+
+    def _aligner(self, similarity: str) -> Aligner:
+        return Aligner(self.fixed, self.moving, self.settings.init, similarity, self.fixed_mask, self.moving_mask,
+                       self.device, callback=self._on_alignment_step)
 
     def run(self) -> RegistrationResult:
         ndim = self.fixed.ndim

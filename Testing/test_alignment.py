@@ -166,6 +166,35 @@ def test_progress_names_the_stage_and_cancel_during_the_alignment_keeps_its_tran
     assert k > 0 and stages == ["alignment"] * k + ["deformable"] * 6 and full.steps == k + 6
 
 
+def test_mind_aligns_another_contrast_by_mutual_information_and_one_contrast_by_ncc():
+    """--similarity mind aligns by global NCC and by (normalised) MI and keeps NCC's pose only where the intensities
+    follow a line and the best curve explains as much as at MI's (``registration._align``). Here NCC finds a wrong
+    pose 38 mm away where the inverted contrast looks linear; a pair of one contrast keeps NCC's answer (an image
+    aligned to itself stays exact); an explicit init_similarity is used alone."""
+    motion = rigid_motion((0.4, -0.3, 1.0), 14.0, (4.0, -5.0, 3.0), (1.0, 2.0, -1.0))
+    fixed = Image(render(FSHAPE, AF), AF)
+    data = render(MSHAPE, AM, motion)
+    inverted = Image(np.where(data > 0.05 * data.max(), 1.2 - data / data.max(), 0).astype(np.float32), AM)
+    seen = []
+    res = register(fixed, inverted, similarity="mind", max_steps=4, device="cpu",
+                   callback=lambda p: seen.append((p.stage, p.step, p.max_steps)))
+    first = res.alignment.stages[0]
+    assert res.alignment.similarity == "mi" and first["name"] == "measure" and first["measures"] == ["ncc", "mi"]
+    assert first["eta2"][1] > first["eta2"][0] + 0.2
+    assert rms_error(res.world, motion, FSHAPE, AF) < 1.5, res.alignment.stages  # measured 1.04 mm (NCC's: 38)
+    steps = [(step, total) for stage, step, total in seen if stage != "features"]  # MIND's descriptors: no step
+    assert all(step <= total for step, total in steps) and res.steps == len(steps)  # Progress counts both runs
+    assert res.alignment.steps == sum(row["stage"] == "alignment" for row in res.trace)
+
+    same = register(fixed, Image(data, AM), similarity="mind", max_steps=4, device="cpu")
+    assert same.alignment.similarity == "ncc" and same.alignment.stages[0]["chosen"] == "ncc"
+    itself = register(fixed, Image(fixed.data.copy(), AF), similarity="mind", max_steps=4, device="cpu")
+    assert itself.alignment.similarity == "ncc" and np.allclose(itself.world, np.eye(4), atol=1e-5)
+    assert rms_error(same.world, motion, FSHAPE, AF) < 0.35
+    asked = register(fixed, inverted, similarity="mind", init_similarity="ncc", max_steps=4, device="cpu")
+    assert asked.alignment.similarity == "ncc" and asked.alignment.stages[0]["name"] == "start"
+
+
 def test_the_result_is_one_composed_transform():
     """displacement = W then the deformation: warping with it alone reproduces the warped image, and W is its linear part."""
     motion = rigid_motion((0.4, -0.3, 1.0), 14.0, (4.0, -5.0, 3.0), (1.0, 2.0, -1.0))

@@ -13,7 +13,8 @@ over the labels present in both maps):
   and what ANTs is given);
 * ``contrast``: the moving scan under a non-monotonic intensity map
   (``synthetic.contrast_change``), with ``--similarity lncc`` and ``mind``
-  (``--preset multimodal``: MIND-SSC after a rigid mutual-information stage);
+  (``--preset multimodal``: MIND-SSC after a rigid mutual-information stage; ``-alone``: ``--similarity mind``
+  with nothing else, its affine stage by NCC or MI as the contrasts ask);
 * ``moved-contrast``: both at once (the motion of ``moved``, then the map of
   ``contrast``), ``--preset multimodal``, Dice as for ``moved``;
 * ``t2``: the same with a T2-like map (``synthetic.t2_like``: CSF brightest,
@@ -51,8 +52,8 @@ from DEQRegistrationLib.synthetic import contrast_change, grid_centre, move_rigi
 
 import numpy as np  # noqa: E402
 
-CASES = ("aligned", "aligned-none", "moved", "moved-contrast", "contrast-lncc", "contrast-mind", "t2-lncc", "t2-mind", "ants-moved",
-         "ants-aligned", "convexadam-contrast", "convexadam-t2")
+CASES = ("aligned", "aligned-none", "moved", "moved-contrast", "contrast-lncc", "contrast-mind", "contrast-mind-alone",
+         "t2-lncc", "t2-mind", "t2-mind-alone", "ants-moved", "ants-aligned", "convexadam-contrast", "convexadam-t2")
 
 
 def random_motion(moving: Image, seed: int, degrees: float = 18.0, mm: float = 18.0) -> np.ndarray:
@@ -111,7 +112,8 @@ def run(oasis: Path, cases, work: Path, seed: int) -> dict:
     def report(name, m, **extra):
         row = dict(dice=m.get("dice_mean"), folding_percent=m.get("folding_percent"),
                    seconds=m.get("seconds"), alignment_steps=m.get("alignment_steps"), steps=m.get("steps"),
-                   converged=m.get("converged"), **extra)
+                   converged=m.get("converged"), alignment_similarity=(m.get("alignment") or {}).get("similarity"),
+                   **extra)
         rows[name] = row
         print(f"{name}: {json.dumps(row)}", flush=True)
 
@@ -158,7 +160,7 @@ def run(oasis: Path, cases, work: Path, seed: int) -> dict:
                                                   fseg.data, mseg.data))
     if have_convex_adam and "convexadam-t2" in cases:
         report("convexadam-t2", convex_adam(fixed, Image(t2_like(moving.data), moving.affine), fseg.data, mseg.data))
-    if "contrast-lncc" in cases or "contrast-mind" in cases:
+    if any(c in cases for c in ("contrast-lncc", "contrast-mind", "contrast-mind-alone")):
         contrast_p = work / "contrast.nii.gz"
         io.save_image(Image(contrast_change(moving.data), moving.affine), contrast_p)
         if "contrast-lncc" in cases:
@@ -167,13 +169,18 @@ def run(oasis: Path, cases, work: Path, seed: int) -> dict:
         if "contrast-mind" in cases:
             report("contrast-mind", deqreg(work / "contrast_mind", fixed_p, contrast_p, fseg_p, mseg_p,
                                            "--preset", "multimodal"))
-    if "t2-lncc" in cases or "t2-mind" in cases:
+        if "contrast-mind-alone" in cases:
+            report("contrast-mind-alone", deqreg(work / "contrast_mind_alone", fixed_p, contrast_p, fseg_p, mseg_p,
+                                                 "--similarity", "mind"))
+    if any(c in cases for c in ("t2-lncc", "t2-mind", "t2-mind-alone")):
         t2_p = work / "t2.nii.gz"
         io.save_image(Image(t2_like(moving.data), moving.affine), t2_p)
         if "t2-lncc" in cases:
             report("t2-lncc", deqreg(work / "t2_lncc", fixed_p, t2_p, fseg_p, mseg_p, "--similarity", "lncc"))
         if "t2-mind" in cases:
             report("t2-mind", deqreg(work / "t2_mind", fixed_p, t2_p, fseg_p, mseg_p, "--preset", "multimodal"))
+        if "t2-mind-alone" in cases:
+            report("t2-mind-alone", deqreg(work / "t2_mind_alone", fixed_p, t2_p, fseg_p, mseg_p, "--similarity", "mind"))
     try:
         import ants  # noqa: F401
         have_ants = True

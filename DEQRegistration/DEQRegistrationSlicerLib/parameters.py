@@ -119,7 +119,8 @@ PARAMETERS = (
               label="Alignment similarity:",
               tooltip="What the initial alignment compares: global normalized cross-correlation, mutual "
                       "information (another contrast), LNCC or mean squared error (auto: the one that suits the "
-                      "deformable similarity)."),
+                      "deformable similarity; with MIND-SSC both global measures, keeping mutual information's pose "
+                      "when the two scans' contrasts differ)."),
     Parameter("Sigma", float, 1.5, setting="sigma", gradient_only=True, label="Step smoothing:",
               tooltip="Width (voxels) of the Gaussian that smooths each step of the gradient update (0: none).",
               limits=(0.0, 10.0, 0.25, 2)),
