@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="total solver steps over all levels")
     reg.add_argument("--tol", type=_positive_float, default=None, metavar="X",
                      help="stop when the relative residual falls below X; residual = " + RESIDUAL_DEFINITION)
+    reg.add_argument("--pyramid", type=_positive_int, nargs="+", default=None, metavar="F",
+                     help="the deformable stage's levels as downsampling factors of the fixed grid, coarse to fine "
+                          "(default: from the grid's size and spacing, e.g. 4 2 for a 1 mm brain, a 2 mm working "
+                          "grid; 4 2 1 adds the full grid: on the OASIS pair Dice 0.755 -> 0.767 in 5x the time)")
     reg.add_argument("--preset", choices=tuple(PRESETS), default=None,
                      help="a bundle of the options below for a common case; options given beside it win: "
                           + "; ".join(f"{k}: {v['about']}" for k, v in PRESETS.items()))
@@ -531,7 +535,7 @@ def summary_line(metrics: Dict) -> str:
 
 
 #: register options that are Settings fields of the same name (make_settings validates them)
-REGISTER_SETTING_OPTIONS = ("preset", "init", "init_similarity", "similarity")
+REGISTER_SETTING_OPTIONS = ("preset", "init", "init_similarity", "similarity", "pyramid")
 
 
 def cmd_register(args, progress: Optional[Callable] = None) -> int:

@@ -337,7 +337,7 @@ class _Registration:
         self.warnings: List[str] = []  # what the user should know about this run (``RegistrationResult.warnings``)
         self.plan = make_plan(settings, op, config, fixed.shape, fixed.spacing)
         # the alignment's budget for Progress: twice when a second measure is tried (``_align``)
-        measures = 1 if settings.alignment_similarity_other_contrast is None else 2
+        measures = 2 if settings.alignment_similarity_other_contrast and settings.init in ("rigid", "affine") else 1
         self.align_steps = measures * planned_steps(settings.init, fixed.shape)
         self.base_sampler = Sampler.between(fixed, moving)  # no linear part: composed fields go through it
         self.sampler = self.base_sampler                    # through W once the alignment has run
@@ -485,7 +485,8 @@ class _Registration:
         first_aligner = self._aligner(self.settings.alignment_similarity)
         result = first_aligner.run()
         other = self.settings.alignment_similarity_other_contrast
-        if other is not None and other != result.similarity and not result.stopped:
+        searched = self.settings.init in ("rigid", "affine")  # "center" compares nothing
+        if other is not None and other != result.similarity and searched and not result.stopped:
             first = result
             second_aligner = self._aligner(other)
             second = second_aligner.run()

@@ -165,7 +165,7 @@ def breathing_pair(shape: Sequence[int] = (64, 56, 64), spacing_mm: float = 2.5,
     tree = cKDTree(centres)
 
     def anatomy(p: np.ndarray, exhale: bool) -> Tuple[np.ndarray, np.ndarray]:
-        x, y, z = p[..., 0], p[..., 1], p[..., 2]
+        x, y = p[..., 0], p[..., 1]
         inside_body = (x / body[0]) ** 2 + (y / body[1]) ** 2 <= 1
         hu = np.where(inside_body, 40.0, -1000.0)
         spine = ((x / (0.12 * half[0])) ** 2 + ((y + 0.6 * half[1]) / (0.12 * half[1])) ** 2) <= 1

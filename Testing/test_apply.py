@@ -19,7 +19,6 @@ from conftest import blob_labels, blob_volume, oblique_affine, write_nifti
 from DEQRegistrationLib import apply, io
 from DEQRegistrationLib.cli import main
 from DEQRegistrationLib.geometry import voxel_to_physical_points
-from DEQRegistrationLib.image import Image
 from DEQRegistrationLib.inverse import MASK_RELIABLE
 
 LPS = np.diag([-1.0, -1.0, 1.0])

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from DEQRegistrationLib import apply, chunked, io, metrics, transforms
-from DEQRegistrationLib.image import Image
+from DEQRegistrationLib import chunked, io, metrics, transforms
 from DEQRegistrationLib.levels import auto_pyramid, describe_rule
 from DEQRegistrationLib.sampling import Sampler
 

@@ -244,3 +244,17 @@ def test_demo_converges_at_default_settings(tmp_path, capsys):
     assert m["steps"] < m["plan"]["max_steps"]
     assert m["dice_mean"] > m["dice_before"] + 0.15
     assert m["folding_percent"] < 0.1
+
+
+def test_pyramid_option_sets_the_deformable_levels(pair2d, tmp_path, capsys):
+    """--pyramid F ... chooses the working grids (recorded in metrics.json); a fine-to-coarse list is one error line."""
+    out = tmp_path / "levels"
+    assert main(["register", str(pair2d["fixed"]), str(pair2d["moving"]), "--out", str(out), "--max-steps", "6",
+                 "--pyramid", "4", "2", "1", "--device", "cpu"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["settings"]["pyramid"] == [4, 2, 1] and [lv["factor"] for lv in m["plan"]["levels"]] == [4, 2, 1]
+    capsys.readouterr()
+    assert main(["register", str(pair2d["fixed"]), str(pair2d["moving"]), "--out", str(tmp_path / "bad"),
+                 "--pyramid", "1", "2"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deqreg: error:") and "coarse to fine" in err[0]

@@ -1,6 +1,5 @@
 """Large-volume behaviour on small volumes (issue 14): preview, memory preflight, the early-written field."""
 import numpy as np
-import pytest
 
 from DEQRegistrationLib import Image, chunked, cli, memory, register
 

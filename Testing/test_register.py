@@ -88,7 +88,6 @@ def test_2d_registration_recovers_a_known_smooth_deformation():
 
 
 def test_callback_cancel_keeps_last_state_as_result():
-    shape = (32, 32)
     yy, xx = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
     f = np.exp(-((yy - 16) ** 2 + (xx - 16) ** 2) / 40.0).astype(np.float32)
     m = np.exp(-((yy - 18) ** 2 + (xx - 15) ** 2) / 40.0).astype(np.float32)

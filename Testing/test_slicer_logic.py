@@ -30,7 +30,6 @@ pytest.importorskip("torch")
 import slicer.util  # noqa: E402
 
 from DEQRegistrationSlicerLib import RegistrationLogic, mrml, testing  # noqa: E402
-from DEQRegistrationLib.alignment import planned_steps  # noqa: E402
 from DEQRegistrationLib.geometry import voxel_field_to_physical  # noqa: E402
 
 SHIFT = np.array([3.0, -1.5, 2.0])

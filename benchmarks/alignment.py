@@ -4,7 +4,8 @@ Cases (OAS1_0001 fixed, OAS1_0002 moving, 35 labels; every Dice is the mean
 over the labels present in both maps):
 
 * ``aligned``: the pair as distributed, ``deqreg register`` with its defaults
-  (and ``--init none``, the pipeline before the alignment stage existed);
+  (and ``--init none``, the pipeline before the alignment stage existed;
+  ``aligned-full``: ``--pyramid 4 2 1``, a last level at the full 1 mm grid);
 * ``moved``: the moving scan turned about a random axis and shifted
   (``synthetic.move_rigidly``: resampled, so the header does not say so).
   Dice through the *original* moving labels (the saved transform, then the
@@ -14,7 +15,8 @@ over the labels present in both maps):
 * ``contrast``: the moving scan under a non-monotonic intensity map
   (``synthetic.contrast_change``), with ``--similarity lncc`` and ``mind``
   (``--preset multimodal``: MIND-SSC after a rigid mutual-information stage; ``-alone``: ``--similarity mind``
-  with nothing else, its affine stage by NCC or MI as the contrasts ask);
+  with nothing else, its affine stage by NCC or MI as the contrasts ask; ``contrast-mind-full``: the same with
+  ``--pyramid 4 2 1``);
 * ``moved-contrast``: both at once (the motion of ``moved``, then the map of
   ``contrast``), ``--preset multimodal``, Dice as for ``moved``;
 * ``t2``: the same with a T2-like map (``synthetic.t2_like``: CSF brightest,
@@ -52,8 +54,11 @@ from DEQRegistrationLib.synthetic import contrast_change, grid_centre, move_rigi
 
 import numpy as np  # noqa: E402
 
-CASES = ("aligned", "aligned-none", "moved", "moved-contrast", "contrast-lncc", "contrast-mind", "contrast-mind-alone",
-         "t2-lncc", "t2-mind", "t2-mind-alone", "ants-moved", "ants-aligned", "convexadam-contrast", "convexadam-t2")
+CASES = ("aligned", "aligned-none", "aligned-full", "moved", "moved-contrast", "contrast-lncc", "contrast-mind",
+         "contrast-mind-alone", "contrast-mind-full", "t2-lncc", "t2-mind", "t2-mind-alone", "ants-moved", "ants-aligned",
+         "convexadam-contrast", "convexadam-t2")
+#: the working grids of the "-full" cases: the default 3D brain plan (4, 2) ends at 2 mm; this one adds 1 mm
+FULL_RESOLUTION = ("--pyramid", "4", "2", "1")
 
 
 def random_motion(moving: Image, seed: int, degrees: float = 18.0, mm: float = 18.0) -> np.ndarray:
@@ -121,6 +126,8 @@ def run(oasis: Path, cases, work: Path, seed: int) -> dict:
         report("aligned", deqreg(work / "aligned", fixed_p, moving_p, fseg_p, mseg_p))
     if "aligned-none" in cases:
         report("aligned-none", deqreg(work / "aligned_none", fixed_p, moving_p, fseg_p, mseg_p, "--init", "none"))
+    if "aligned-full" in cases:
+        report("aligned-full", deqreg(work / "aligned_full", fixed_p, moving_p, fseg_p, mseg_p, *FULL_RESOLUTION))
     motion = random_motion(moving, seed)
     moved_p, moved_seg_p = work / "moved.nii.gz", work / "moved_seg.nii.gz"
     if any(c in cases for c in ("moved", "ants-moved")):
@@ -160,7 +167,7 @@ def run(oasis: Path, cases, work: Path, seed: int) -> dict:
                                                   fseg.data, mseg.data))
     if have_convex_adam and "convexadam-t2" in cases:
         report("convexadam-t2", convex_adam(fixed, Image(t2_like(moving.data), moving.affine), fseg.data, mseg.data))
-    if any(c in cases for c in ("contrast-lncc", "contrast-mind", "contrast-mind-alone")):
+    if any(c in cases for c in ("contrast-lncc", "contrast-mind", "contrast-mind-alone", "contrast-mind-full")):
         contrast_p = work / "contrast.nii.gz"
         io.save_image(Image(contrast_change(moving.data), moving.affine), contrast_p)
         if "contrast-lncc" in cases:
@@ -172,6 +179,9 @@ def run(oasis: Path, cases, work: Path, seed: int) -> dict:
         if "contrast-mind-alone" in cases:
             report("contrast-mind-alone", deqreg(work / "contrast_mind_alone", fixed_p, contrast_p, fseg_p, mseg_p,
                                                  "--similarity", "mind"))
+        if "contrast-mind-full" in cases:
+            report("contrast-mind-full", deqreg(work / "contrast_mind_full", fixed_p, contrast_p, fseg_p, mseg_p,
+                                                "--similarity", "mind", *FULL_RESOLUTION))
     if any(c in cases for c in ("t2-lncc", "t2-mind", "t2-mind-alone")):
         t2_p = work / "t2.nii.gz"
         io.save_image(Image(t2_like(moving.data), moving.affine), t2_p)

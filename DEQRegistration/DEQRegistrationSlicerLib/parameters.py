@@ -126,7 +126,8 @@ PARAMETERS = (
               limits=(0.0, 10.0, 0.25, 2)),
     Parameter("Pyramid", str, "", setting="pyramid", auto="", label="Levels:",
               tooltip="Downsampling factor of each resolution level, coarse to fine, e.g. 4, 2, 1 (empty: the "
-                      "update's own)."),
+                      "update's own; a 1 mm brain gets 4, 2, a 2 mm working grid: 4, 2, 1 adds the full grid, "
+                      "slower and more accurate)."),
     Parameter("LevelWeights", str, "", setting="level_weights", auto="", label="Level weights:",
               tooltip="How the step budget is split over the levels, e.g. 1, 1, 2 (empty: equal)."),
     Parameter("CpuFallback", bool, True, setting="cpu_fallback", label="CPU fallback:",
