@@ -201,6 +201,10 @@ class Similarity:
         with torch.no_grad():
             mf = self.features(moving)
             table = torch.cat([mf, spatial_gradient(mf)], 1) if self.gradient_source != "warped" else mf
+            if table.dim() == 5:
+                # channels last: grid_sample's 3D CPU kernel reads a point's channels together (MIND-SSC's
+                # 48-channel table on the OASIS pair's 2 mm grid: 2.0 -> 1.4 s a call, the same numbers)
+                table = table.contiguous(memory_format=torch.channels_last_3d)
         self._cache = (moving, moving._version, self.gradient_source, (mf.shape[1], table))
         return (self._fixed_cached(fixed), mf.shape[1], table)
 

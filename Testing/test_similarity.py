@@ -103,6 +103,22 @@ def test_field_gradient_agrees_with_autograd_through_interpolation(name, ndim):
 
 
 @pytest.mark.parametrize("name", SIMS)
+def test_the_channels_last_table_changes_no_number(name):
+    """3D tables of moving features and their gradients are kept channels-last (grid_sample's 3D CPU kernel is ~30 %
+    faster on MIND's 48 channels); the analytic gradient is bit for bit the one from a standard-layout table."""
+    sim = S.get_similarity(name)
+    shape = (22, 20, 21)
+    fixed, moving, z = wave_image(shape, 0.0), wave_image(shape, 0.8), smooth_field(shape, 1.0)
+    _, _, table = sim.prepare(fixed, moving)
+    assert table.is_contiguous(memory_format=torch.channels_last_3d)
+    fast = sim.gradient(z, fixed, moving)
+    standard = table.contiguous()
+    sim._cache = sim._cache[:3] + ((sim._cache[3][0], standard),)  # the same features, standard layout
+    assert sim.prepare(fixed, moving)[2] is standard
+    assert torch.equal(sim.gradient(z, fixed, moving), fast)
+
+
+@pytest.mark.parametrize("name", SIMS)
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_identity_is_a_stationary_point(name, ndim):
     """moving == fixed: the gradient at the zero field vanishes, for textured and smooth images."""
