@@ -488,10 +488,11 @@ class _Registration:
         searched = self.settings.init in ("rigid", "affine")  # "center" compares nothing
         if other is not None and other != result.similarity and searched and not result.stopped:
             first = result
+            first_share = first_aligner.intensity_relation(first.matrix)
+            del first_aligner  # its full-resolution copies of both images
             second_aligner = self._aligner(other)
             second = second_aligner.run()
-            share = (first_aligner.intensity_relation(first.matrix),
-                     None if second.stopped else second_aligner.intensity_relation(second.matrix))
+            share = (first_share, None if second.stopped else second_aligner.intensity_relation(second.matrix))
             keep_first = not second.stopped and (share[0] is None or share[1] is None or (
                 not contrast.nonlinear(share[0]) and share[0][1] >= share[1][1] - contrast.CURVE_MARGIN))
             result, other_run = (first, second) if keep_first else (second, first)
