@@ -601,21 +601,19 @@ class Aligner:
         the relation a linear map explains, how much the best curve does), at full resolution on the contrast
         check's lattice of fixed voxels (smoothing would blur another contrast into a near-linear relation);
         None when too few voxels show anything. Call after ``run``."""
-        d = self.d
         with torch.no_grad():
-            stride = contrast.lattice_stride(self.fixed.shape)
-            fixed_s = self.fixed_n[(0, 0) + (slice(None, None, stride),) * d]
-            idx = torch.stack(torch.meshgrid(*[torch.arange(0, n, stride, device=self.device) for n in self.fixed.shape],
-                                             indexing="ij"), -1).reshape(-1, d).float()
+            stride = contrast.lattice_stride(self.fixed.shape)  # the lattice ``contrast.subsample`` keeps
+            axes = [torch.arange(0, n, stride, device=self.device) for n in self.fixed.shape]
+            idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, self.d).float()
             sampler = Sampler(self.fixed.shape, self.fixed.affine, self.moving.affine)
             coords = sampler.coords_through(torch.as_tensor(W, dtype=torch.float32, device=self.device), idx)
             warped = sample(self.moving_n, coords, padding_mode="zeros").flatten()
             weight = inside(coords, self.moving_n.shape[2:]).flatten().float()
             if self.fmask is not None:
-                weight = weight * self.fmask[(0, 0) + (slice(None, None, stride),) * d].flatten()
+                weight = weight * contrast.subsample(self.fmask).flatten()
             if self.mmask is not None:
                 weight = weight * sample(self.mmask, coords, padding_mode="zeros").flatten()
-            return contrast.linear_share(fixed_s.flatten(), warped, weight)
+            return contrast.linear_share(contrast.subsample(self.fixed_n).flatten(), warped, weight)
 
     def _rotation(self, R: np.ndarray) -> torch.Tensor:
         """The local transform turning by R about the centres (the ``center`` start turned)."""

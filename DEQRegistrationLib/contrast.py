@@ -43,7 +43,7 @@ MIN_VOXELS = 1000
 MIN_EXPLAINED = 0.05
 
 #: the alignment keeps its first measure's pose (NCC) over the measure for other contrasts' (MI) only if the best
-#: curve explains at least this much less there (eta^2, absolute; ``registration._align``). Measured after each
+#: curve explains at most this much less there (eta^2, absolute; ``registration._align``). Measured after each
 #: measure's affine alignment: same-contrast pairs differ by at most 0.008 (2D OASIS-TRT-20, three pairs; 3D 0.001);
 #: a synthetic pair of inverted contrast on which NCC found a wrong pose 38 mm away that looked linear
 #: (r^2 / eta^2 0.88): 0.515 at NCC's pose against 0.919 at MI's
