@@ -333,10 +333,14 @@ class Settings:
         return self.similarity_defaults.smooth_field
 
     @property
-    def alignment_similarity_other_contrast(self) -> Optional[str]:
-        """The measure the alignment is rerun with when the pair's contrasts differ (None: never; never when
-        ``init_similarity`` is given)."""
-        return None if self.init_similarity else self.similarity_defaults.init_similarity_other_contrast
+    def alignment_measures(self) -> List[str]:
+        """The measures the alignment stage runs, in order: ``alignment_similarity``, then, for a rigid or affine
+        init without a given ``init_similarity``, the similarity's measure for other contrasts (``_align`` in
+        registration.py keeps one of their poses)."""
+        first = self.alignment_similarity
+        other = None if self.init_similarity else self.similarity_defaults.init_similarity_other_contrast
+        searched = self.init in ("rigid", "affine")  # "center" compares nothing
+        return [first, other] if other not in (None, first) and searched else [first]
 
     @property
     def alignment_similarity(self) -> str:
@@ -366,9 +370,9 @@ class SimilarityDefaults:
     diffusion_weight_3d: float      # 3D images
     image_gradient: str = "moving"  # IMAGE_GRADIENTS
     smooth_field: bool = False      # GradientUpdate(smooth_field)
-    init_similarity: str = "ncc"    # INIT_SIMILARITIES; mi only when asked (multimodal preset: README, Honest limits)
-    #: the alignment is run again with this measure when, after ``init_similarity``'s, the pair's intensities are
-    #: not linearly related (``contrast.nonlinear``); None: never
+    init_similarity: str = "ncc"    # INIT_SIMILARITIES; mi alone only when asked (the multimodal preset)
+    #: a second alignment measure run after ``init_similarity``'s; its pose is kept unless the pair's intensities
+    #: follow a line at the first's pose and the best curve explains as much there (``registration._align``)
     init_similarity_other_contrast: Optional[str] = None
 
 

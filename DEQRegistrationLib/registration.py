@@ -337,8 +337,7 @@ class _Registration:
         self.warnings: List[str] = []  # what the user should know about this run (``RegistrationResult.warnings``)
         self.plan = make_plan(settings, op, config, fixed.shape, fixed.spacing)
         # the alignment's budget for Progress: twice when a second measure is tried (``_align``)
-        measures = 2 if settings.alignment_similarity_other_contrast and settings.init in ("rigid", "affine") else 1
-        self.align_steps = measures * planned_steps(settings.init, fixed.shape)
+        self.align_steps = len(settings.alignment_measures) * planned_steps(settings.init, fixed.shape)
         self.base_sampler = Sampler.between(fixed, moving)  # no linear part: composed fields go through it
         self.sampler = self.base_sampler                    # through W once the alignment has run
         self.moving_t = to_tensor(moving.data.astype(np.float32, copy=False), device)
@@ -482,15 +481,14 @@ class _Registration:
         itself by a fraction of a voxel."""
         if self.settings.init == "none":
             return identity_alignment()
-        first_aligner = self._aligner(self.settings.alignment_similarity)
+        measures = self.settings.alignment_measures
+        first_aligner = self._aligner(measures[0])
         result = first_aligner.run()
-        other = self.settings.alignment_similarity_other_contrast
-        searched = self.settings.init in ("rigid", "affine")  # "center" compares nothing
-        if other is not None and other != result.similarity and searched and not result.stopped:
+        if len(measures) == 2 and not result.stopped:
             first = result
             first_share = first_aligner.intensity_relation(first.matrix)
             del first_aligner  # its full-resolution copies of both images
-            second_aligner = self._aligner(other)
+            second_aligner = self._aligner(measures[1])
             second = second_aligner.run()
             share = (first_share, None if second.stopped else second_aligner.intensity_relation(second.matrix))
             keep_first = not second.stopped and (share[0] is None or share[1] is None or (
